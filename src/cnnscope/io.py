@@ -1,0 +1,188 @@
+"""Reading images: every format Pillow reads, always ending as an RGB uint8 array.
+
+``load_image`` applies the EXIF orientation, converts grayscale, RGBA (composited on white),
+palette, CMYK and 16-bit images to 8-bit RGB, takes the first frame of animations, and refuses
+images above a pixel limit before decoding them (decompression bombs). Every problem raises one
+:class:`~cnnscope.errors.InputError` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+#: Default limit on width x height, checked from the header before any pixel is decoded.
+MAX_PIXELS = 100_000_000
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+
+def _describe(source: object) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return f"'{os.fspath(source)}'"
+    if isinstance(source, bytes):
+        return "the uploaded image"
+    return f"the {type(source).__name__} image"
+
+
+def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read one image into an (H, W, 3) uint8 RGB array.
+
+    ``source`` is a path, the file's bytes, a PIL image or an array: (H, W), (H, W, 1), (H, W, 3)
+    or (H, W, 4), uint8 or float in [0, 1]. The caller's array is never modified.
+    """
+    name = _describe(source)
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source, name)
+    if isinstance(source, Image.Image):
+        _check_size(source.size, name, max_pixels)
+        return _pil_to_rgb(source, name)
+    if isinstance(source, bytes):
+        if not source:
+            raise InputError(f"{name} is empty (0 bytes)")
+        return _open_and_convert(_io.BytesIO(source), name, max_pixels)
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(
+            f"cannot read an image from a {type(source).__name__}; give a file path, bytes, "
+            "a PIL image or a numpy array"
+        )
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"{name}: no such file")
+    if path.is_dir():
+        raise InputError(f"{name} is a directory, not an image; pass the image files inside it")
+    if path.stat().st_size == 0:
+        raise InputError(f"{name} is empty (0 bytes)")
+    try:
+        with path.open("rb") as handle:
+            return _open_and_convert(handle, name, max_pixels)
+    except PermissionError:
+        raise InputError(f"{name}: permission denied") from None
+
+
+def load_images(sources: Iterable[ImageSource], *, max_pixels: int = MAX_PIXELS) -> list[np.ndarray]:
+    """``load_image`` for each source, in order."""
+    return [load_image(source, max_pixels=max_pixels) for source in sources]
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand directories into the image files directly inside them (sorted); keep files as given."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not inside:
+                raise InputError(f"'{path}' holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            found.extend(inside)
+        else:
+            found.append(path)
+    return found
+
+
+def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise InputError(f"{name} has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InputError(
+            f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(a decompression bomb?); raise max_pixels if you trust it"
+        )
+
+
+def _open_and_convert(handle: _io.IOBase, name: str, max_pixels: int) -> np.ndarray:
+    with warnings.catch_warnings():
+        # Our own limit is checked from the header below; Pillow's warning would repeat it.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(handle)
+        except UnidentifiedImageError:
+            raise InputError(f"{name} is not an image (no format Pillow reads recognises it)") from None
+        except Image.DecompressionBombError as exc:
+            raise InputError(f"{name} is too large to decode safely: {exc}") from None
+        except OSError as exc:
+            raise InputError(f"{name} cannot be read: {exc}") from None
+        _check_size(image.size, name, max_pixels)
+        try:
+            image.seek(0)  # first frame of an animation
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise InputError(f"{name} is truncated or corrupt ({exc})") from None
+        except Image.DecompressionBombError as exc:
+            raise InputError(f"{name} is too large to decode safely: {exc}") from None
+        return _pil_to_rgb(image, name)
+
+
+def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not lose the picture
+        pass
+    mode = image.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            high = 1.0 if values.size and values.max() <= 1.0 else float(values.max() or 1.0)
+        else:
+            high = 65535.0 if values.size and values.max() > 255 else 255.0
+        gray = np.clip(np.round(values / high * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    try:
+        rgb = image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{name} has an image mode ({mode}) that cannot be converted to RGB: {exc}") from None
+    return np.array(rgb, dtype=np.uint8)
+
+
+def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise InputError(
+            f"{name} has shape {tuple(array.shape)}; expected (H, W), (H, W, 3) or (H, W, 4) "
+            "(for a (3, H, W) tensor, pass it to the model as a preprocessed batch instead)"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputError(f"{name} has no pixels (shape {tuple(array.shape)})")
+    if array.dtype == np.uint8:
+        values = array
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError(f"{name} contains NaN or infinite values")
+        if array.min() < 0 or array.max() > 1:
+            raise InputError(
+                f"{name} is a float array with values in [{array.min():.3g}, {array.max():.3g}]; "
+                "float images must be in [0, 1] (or pass uint8)"
+            )
+        values = np.round(array * 255.0).astype(np.uint8)
+    elif array.dtype == np.uint16:
+        values = np.round(array / 257.0).astype(np.uint8)
+    elif array.dtype == np.bool_:
+        values = array.astype(np.uint8) * 255
+    else:
+        raise InputError(f"{name} has dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1]")
+    if values.ndim == 2:
+        return np.repeat(values[:, :, None], 3, axis=2)
+    if values.shape[2] == 4:
+        alpha = values[:, :, 3:4].astype(np.float32) / 255.0
+        blended = values[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        return np.round(blended).astype(np.uint8)
+    return np.array(values, dtype=np.uint8, copy=True)

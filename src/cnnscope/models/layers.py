@@ -1,0 +1,204 @@
+"""What runs inside a model: a traced table of module calls, layer lookup and the default layer.
+
+One forward pass on a blank input, with a hook on every submodule, records each call in the order
+the calls start: the module's dotted name, its type, the shape of its output, its parameter count.
+Layer lookup, the default target layer and the ``cnnscope layers`` table all read that trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._registry import did_you_mean
+from ..errors import LayerNotFoundError, ModelError
+from ..hooks import LayerRef
+from ..state import preserved
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One row of the summary: a call of a module during one forward pass."""
+
+    order: int  # position among all calls, by start time
+    name: str
+    type: str
+    call: int  # 0-based index among this module's calls
+    calls: int  # how many times this module runs per forward
+    output_shape: tuple[int, ...]  # () when the output is not a tensor
+    params: int  # parameters of the module and its children (counted on the first call only)
+    depth: int  # nesting depth of the dotted name
+    finished: int  # position by end time (a container ends after its children)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.call}" if self.calls > 1 else self.name
+
+    @property
+    def is_spatial(self) -> bool:
+        return len(self.output_shape) == 4 and self.output_shape[2] > 1 and self.output_shape[3] > 1
+
+
+def _first_tensor(output: object) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, torch.Tensor):
+                return item
+    return None
+
+
+def trace_calls(module: nn.Module, example: torch.Tensor) -> tuple[list[LayerCall], tuple[int, ...]]:
+    """Run ``module`` once on ``example`` (no grad, eval mode, state preserved) and record every call;
+    also return the shape of the model's output."""
+    names = {id(sub): name for name, sub in module.named_modules() if name}
+    starts: list[tuple[str, nn.Module]] = []
+    ends: dict[tuple[str, int], tuple[int, tuple[int, ...]]] = {}
+    counts: dict[str, int] = {}
+    end_counter = [0]
+
+    def pre_hook(sub: nn.Module, args: object) -> None:
+        name = names[id(sub)]
+        starts.append((name, sub))
+
+    def post_hook(sub: nn.Module, args: object, output: object) -> None:
+        name = names[id(sub)]
+        index = counts.get(name, 0)
+        counts[name] = index + 1
+        tensor = _first_tensor(output)
+        ends[(name, index)] = (end_counter[0], tuple(tensor.shape) if tensor is not None else ())
+        end_counter[0] += 1
+
+    handles = []
+    try:
+        for name, sub in module.named_modules():
+            if name:
+                handles.append(sub.register_forward_pre_hook(pre_hook))
+                handles.append(sub.register_forward_hook(post_hook))
+        with preserved(module, warn_if_training=False), torch.no_grad():
+            output = _first_tensor(module(example))
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(
+            f"the model failed on a blank {tuple(example.shape)} input: {type(exc).__name__}: {exc}; "
+            "check the preprocess size and that the model takes one image batch"
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    seen: dict[str, int] = {}
+    rows = []
+    for order, (name, sub) in enumerate(starts):
+        index = seen.get(name, 0)
+        seen[name] = index + 1
+        finished, shape = ends.get((name, index), (-1, ()))
+        rows.append(
+            LayerCall(
+                order=order,
+                name=name,
+                type=type(sub).__name__,
+                call=index,
+                calls=counts.get(name, 0),
+                output_shape=shape,
+                params=sum(p.numel() for p in sub.parameters()) if index == 0 else 0,
+                depth=name.count("."),
+                finished=finished,
+            )
+        )
+    return rows, tuple(output.shape) if output is not None else ()
+
+
+def parse_layer_spec(spec: str) -> tuple[str, int | None]:
+    """'_swish@1' -> ('_swish', 1); 'layer4' -> ('layer4', None)."""
+    name, sep, call = spec.rpartition("@")
+    if sep and name:
+        try:
+            return name, int(call)
+        except ValueError:
+            pass
+    return spec, None
+
+
+def find_layer(module: nn.Module, calls: list[LayerCall], spec: str | nn.Module | LayerRef) -> LayerRef:
+    """Resolve a layer given by dotted name (``'layer4.1'``), ``'name@call'``, module object or LayerRef.
+
+    A module called several times per forward defaults to its last call (the one nearest the
+    output); ``'@0'`` picks the first, negative indices count from the end.
+    """
+    if isinstance(spec, LayerRef):
+        return spec
+    if isinstance(spec, nn.Module):
+        for name, sub in module.named_modules():
+            if sub is spec and name:
+                return find_layer(module, calls, name)
+        raise LayerNotFoundError(
+            f"the {type(spec).__name__} given as layer is not a submodule of this model; "
+            "pass one of the model's own modules or its dotted name"
+        )
+    if not isinstance(spec, str) or not spec:
+        raise LayerNotFoundError(f"layer must be a dotted module name, got {spec!r}")
+    name, call = parse_layer_spec(spec.strip())
+    named = dict(module.named_modules())
+    if name not in named or not name:
+        hint = did_you_mean(name, [n for n in named if n])
+        raise LayerNotFoundError(
+            f"layer {name!r} not found{hint} (cnnscope layers, or Model.layers(), lists them)"
+        )
+    rows = [row for row in calls if row.name == name]
+    if not rows:
+        raise LayerNotFoundError(
+            f"layer {name!r} exists but never runs in the model's forward pass; choose a layer that runs"
+        )
+    total = len(rows)
+    chosen = total - 1 if call is None else call
+    if chosen < 0:
+        chosen += total
+    if not 0 <= chosen < total:
+        raise LayerNotFoundError(
+            f"layer {name!r} runs {total} time(s) per forward; call @{call} is out of range "
+            f"(use @0 to @{total - 1})"
+        )
+    row = rows[chosen]
+    return LayerRef(name=name, module=named[name], call=chosen, calls=total, output_shape=row.output_shape)
+
+
+def default_layer_name(calls: list[LayerCall]) -> str:
+    """The last call (by end time) whose output is a spatial (N, C, H, W) map: the layer before the
+    head's pooling. For a ResNet that is ``layer4``; for EfficientNet-Lite the head's activation."""
+    spatial = [row for row in calls if row.is_spatial]
+    if not spatial:
+        raise ModelError(
+            "no layer of this model outputs a spatial (N, C, H, W) map with H, W > 1; "
+            "pass layer=... explicitly (cnnscope layers lists them)"
+        )
+    last = max(spatial, key=lambda row: row.finished)
+    return last.key
+
+
+def format_table(calls: list[LayerCall]) -> str:
+    """A Keras-style summary: name, type, output shape, parameters; totals at the bottom."""
+    header = ("layer", "type", "output shape", "params")
+    rows = [
+        (
+            "  " * row.depth + row.key,
+            row.type,
+            "x".join(str(d) for d in row.output_shape[1:]) if row.output_shape else "-",
+            f"{row.params:,}" if row.call == 0 else "(shared)",
+        )
+        for row in calls
+    ]
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(4)] if rows else [5, 4, 12, 6]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "  ".join(
+            (cell.rjust(w) if i == 3 else cell.ljust(w)) for i, (cell, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""``load_model``: one entry point for every way a user holds a model."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._registry import MODELS, did_you_mean
+from ..errors import ModelError
+from .labels import imagenet_labels
+from .model import Model
+from .preprocess import Preprocess
+
+DEFAULT_MODEL = "efficientnet_lite0"
+
+
+def load_model(
+    model: str | os.PathLike | nn.Module | Model = DEFAULT_MODEL,
+    *,
+    labels: Sequence[str] | None = None,
+    preprocess: Preprocess | None = None,
+    multilabel: bool | None = None,
+    arch: str | None = None,
+    weights: bool = True,
+    trust_pickle: bool = False,
+) -> Model:
+    """Get a :class:`Model` from a zoo name, ``"torchvision:NAME"``, a file or an ``nn.Module``.
+
+    - ``"efficientnet_lite0"`` (the default): ImageNet EfficientNet-Lite0, offline.
+    - ``"torchvision:resnet50"``: a torchvision architecture with its DEFAULT weights
+      (``weights=False`` for the architecture only); needs torchvision, and a network for weights.
+    - a path: a TorchScript file, a state_dict (``arch=`` names its architecture: a zoo name or
+      ``"torchvision:NAME"``; loaded with ``weights_only=True``), or a pickled full module
+      (``trust_pickle=True`` only: unpickling runs code from the file).
+    - an ``nn.Module`` or ``Model``: wrapped as it is, never copied or changed.
+
+    ``labels``, ``preprocess`` and ``multilabel`` override what the source provides.
+    """
+    if isinstance(model, Model):
+        loaded = model
+    elif isinstance(model, nn.Module):
+        loaded = Model(model)
+    elif isinstance(model, (str, os.PathLike)):
+        loaded = _from_name_or_path(os.fspath(model), arch=arch, weights=weights, trust_pickle=trust_pickle)
+    else:
+        raise ModelError(
+            f"cannot load a model from a {type(model).__name__}; give a zoo name, 'torchvision:NAME', "
+            "a file path or an nn.Module"
+        )
+    if labels is None and preprocess is None and multilabel is None:
+        return loaded
+    return Model(
+        loaded.module,
+        labels=labels if labels is not None else loaded._labels,
+        preprocess=preprocess or loaded.preprocess,
+        multilabel=loaded.multilabel if multilabel is None else multilabel,
+        name=loaded.name,
+    )
+
+
+def list_models() -> list[str]:
+    """Names of the zoo models that load offline."""
+    return MODELS.names()
+
+
+def _from_name_or_path(spec: str, *, arch: str | None, weights: bool, trust_pickle: bool) -> Model:
+    if spec.startswith("torchvision:"):
+        return _torchvision(spec.split(":", 1)[1], weights=weights)
+    if spec in MODELS:
+        return MODELS.get(spec).build(weights=weights)
+    path = Path(spec)
+    if path.suffix or os.sep in spec or path.exists():
+        return _from_file(path, arch=arch, trust_pickle=trust_pickle)
+    hint = did_you_mean(spec, MODELS.names())
+    raise ModelError(
+        f"unknown model {spec!r}{hint}; give a zoo name ({', '.join(MODELS.names())}), "
+        "'torchvision:NAME' or a model file"
+    )
+
+
+def _torchvision(name: str, *, weights: bool, num_classes: int | None = None) -> Model:
+    try:
+        from torchvision import models as tv_models
+    except Exception as exc:  # ImportError, or a torchvision built for another torch
+        raise ModelError(
+            f"'torchvision:{name}' needs torchvision, which does not import here ({type(exc).__name__}: "
+            f"{exc}); install a torchvision matching your torch"
+        ) from None
+    available = list(tv_models.list_models())
+    if name not in available:
+        raise ModelError(f"torchvision has no model {name!r}{did_you_mean(name, available)}")
+    builder = tv_models.get_model_builder(name)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if weights and num_classes is None:
+        weight_enum = tv_models.get_model_weights(name).DEFAULT
+        try:
+            module = builder(weights=weight_enum)
+        except Exception as exc:  # no network, a broken cache, ...
+            raise ModelError(
+                f"could not get the pretrained weights of torchvision:{name} ({type(exc).__name__}: {exc}); "
+                "check the network, or use weights=False (--no-weights) for the architecture only"
+            ) from None
+        meta = getattr(weight_enum, "meta", {}) or {}
+        labels = meta.get("categories")
+        transforms = weight_enum.transforms()
+        size = getattr(transforms, "crop_size", [224])
+        size = (int(size[0]), int(size[-1]))
+        preprocess = Preprocess(
+            size=size,
+            mean=tuple(getattr(transforms, "mean", Preprocess.mean)),
+            std=tuple(getattr(transforms, "std", Preprocess.std)),
+        )
+    else:
+        module = builder(weights=None, **kwargs)
+        labels, preprocess = None, Preprocess()
+    module.eval()
+    model = Model(module, labels=labels, preprocess=preprocess, name=f"torchvision:{name}")
+    if labels is None and model.num_classes == 1000:
+        model._labels = list(imagenet_labels())
+    return model
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _from_file(path: Path, *, arch: str | None, trust_pickle: bool) -> Model:
+    if not path.exists():
+        raise ModelError(f"model file '{path}' not found (and it is not a zoo name: {', '.join(MODELS.names())})")
+    if path.is_dir():
+        raise ModelError(f"'{path}' is a directory; give the model file itself")
+    if _is_torchscript(path):
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise ModelError(f"'{path}' looks like TorchScript but does not load: {exc}") from None
+        return Model(module, name=path.stem)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust_pickle:
+            raise ModelError(
+                f"'{path}' holds a pickled object (a full nn.Module?); unpickling runs code from the file, "
+                "so pass trust_pickle=True (--trust-pickle) if you trust it, or save a state_dict instead"
+            ) from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ModelError(f"'{path}' does not unpickle: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:
+        raise ModelError(f"'{path}' is not a model file torch can load ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, nn.Module):
+        return Model(obj, name=path.stem)
+    if isinstance(obj, dict):
+        return _from_state_dict(path, obj, arch)
+    raise ModelError(f"'{path}' holds a {type(obj).__name__}, not a module or a state_dict")
+
+
+def _from_state_dict(path: Path, obj: dict, arch: str | None) -> Model:
+    state = obj
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"'{path}' holds a dict that is not a state_dict of tensors")
+    if arch is None:
+        raise ModelError(
+            f"'{path}' is a state_dict; say which architecture it belongs to with arch='efficientnet_lite0' "
+            "or arch='torchvision:resnet50' (--arch)"
+        )
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    matrices = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    num_classes = int(matrices[-1].shape[0]) if matrices else None
+    if arch.startswith("torchvision:"):
+        model = _torchvision(arch.split(":", 1)[1], weights=False, num_classes=num_classes)
+    else:
+        model = MODELS.get(arch).build(weights=False, num_classes=num_classes)
+    try:
+        model.module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:3]
+        raise ModelError(
+            f"'{path}' does not fit the {arch} architecture: {' '.join(s.strip() for s in first)}"
+        ) from None
+    return Model(model.module, labels=model._labels, preprocess=model.preprocess, name=path.stem)

@@ -1,0 +1,222 @@
+"""The adapter between a user's network and every method: ``Model``.
+
+A :class:`Model` is an ``nn.Module`` plus what explaining it needs: how to preprocess an image,
+the class labels, whether outputs are softmax (single-label) or sigmoid (multi-label) scores, and
+a traced table of its layers. It holds the user's module by reference and never changes it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import InputError, ModelError
+from ..hooks import LayerRef
+from ..io import ImageSource, load_image
+from ..state import preserved
+from .labels import short_name
+from .layers import LayerCall, default_layer_name, find_layer, format_table, trace_calls
+from .preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    probability: float
+    score: float  # the logit
+
+    @property
+    def name(self) -> str:
+        return short_name(self.label)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A preprocessed batch and the original RGB images it came from (for overlays)."""
+
+    tensor: torch.Tensor
+    originals: list[np.ndarray]
+    names: list[str]
+
+
+class Model:
+    """A classifier ready to be explained.
+
+    Args:
+        module: the network; called as ``module(batch)`` and returning (N, num_classes) logits.
+        labels: one name per class; defaults to ``"class 0"``, ``"class 1"``, ...
+        preprocess: image -> tensor; defaults to 224x224 with ImageNet mean and std.
+        multilabel: scores are per-class sigmoids instead of one softmax.
+        name: shown in reports.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        labels: Sequence[str] | None = None,
+        preprocess: Preprocess | None = None,
+        multilabel: bool = False,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise ModelError(f"Model needs a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.preprocess = preprocess or Preprocess()
+        self.multilabel = bool(multilabel)
+        self.name = name or type(module).__name__
+        self._labels = [str(label) for label in labels] if labels is not None else None
+        self._calls: list[LayerCall] | None = None
+        self._output_shape: tuple[int, ...] = ()
+
+    def __repr__(self) -> str:
+        kind = "multi-label" if self.multilabel else "single-label"
+        return f"Model({self.name!r}, {kind}, input {self.preprocess.size[0]}x{self.preprocess.size[1]})"
+
+    # -- structure -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.module.parameters():
+            return tensor.device
+        for tensor in self.module.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    def calls(self) -> list[LayerCall]:
+        """Every module call of one forward pass, traced once and cached."""
+        if self._calls is None:
+            example = torch.zeros(1, 3, *self.preprocess.size, device=self.device)
+            self._calls, self._output_shape = trace_calls(self.module, example)
+            if len(self._output_shape) != 2:
+                raise ModelError(
+                    f"the model returns shape {self._output_shape} for one image; a classifier must "
+                    "return (N, num_classes) scores"
+                )
+            if self._labels is not None and len(self._labels) != self._output_shape[1]:
+                raise ModelError(
+                    f"{len(self._labels)} labels given but the model has {self._output_shape[1]} outputs; "
+                    "give one label per output"
+                )
+        return self._calls
+
+    @property
+    def num_classes(self) -> int:
+        self.calls()
+        return self._output_shape[1]
+
+    @property
+    def labels(self) -> list[str]:
+        if self._labels is None:
+            self._labels = [f"class {i}" for i in range(self.num_classes)]
+        return self._labels
+
+    def layers(self) -> list[LayerCall]:
+        """The summary rows: every module call in execution order with output shape and parameters."""
+        return list(self.calls())
+
+    def summary(self) -> str:
+        """The layer table as text (Keras' ``model.summary()``), with totals."""
+        total = sum(p.numel() for p in self.module.parameters())
+        trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        default = self.default_layer().key
+        return (
+            f"{format_table(self.calls())}\n\n"
+            f"total params: {total:,}  trainable: {trainable:,}  default target layer: {default}"
+        )
+
+    def layer(self, spec: str | nn.Module | LayerRef) -> LayerRef:
+        """Look a layer up by dotted name, ``'name@call'`` or module object."""
+        return find_layer(self.module, self.calls(), spec)
+
+    def default_layer(self) -> LayerRef:
+        """The last layer with a spatial (N, C, H, W) output: the usual Grad-CAM / CAM target."""
+        return self.layer(default_layer_name(self.calls()))
+
+    # -- data ------------------------------------------------------------------------------------
+    def prepare(self, images: object) -> Batch:
+        """Images in any accepted form -> a batch on the model's device and the original pixels.
+
+        Accepts a path, bytes, PIL image or array, or a list of them, or a torch tensor that is
+        already preprocessed, (N, 3, H, W) or (3, H, W). A tensor is never modified.
+        """
+        if isinstance(images, torch.Tensor):
+            return self._prepare_tensor(images)
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        if isinstance(images, (str, os.PathLike, bytes, Image.Image, np.ndarray)):
+            images = [images]
+        if not isinstance(images, (list, tuple)):
+            raise InputError(
+                f"images must be a path, an array, a PIL image, a list of them or a tensor, "
+                f"not {type(images).__name__}"
+            )
+        if not images:
+            raise InputError("no images given")
+        originals = [load_image(image) for image in images]
+        names = [_name_of(image, index) for index, image in enumerate(images)]
+        tensor = self.preprocess(originals).to(self.device)
+        return Batch(tensor=tensor, originals=originals, names=names)
+
+    def _prepare_tensor(self, tensor: torch.Tensor) -> Batch:
+        if tensor.ndim == 3:
+            tensor = tensor.unsqueeze(0)
+        if tensor.ndim != 4 or tensor.shape[1] != 3:
+            raise InputError(
+                f"a tensor input must be a preprocessed (N, 3, H, W) or (3, H, W) batch, "
+                f"got shape {tuple(tensor.shape)}"
+            )
+        if tensor.shape[0] == 0:
+            raise InputError("the input batch is empty")
+        if not tensor.is_floating_point():
+            raise InputError(f"a tensor input must be floating point (preprocessed), got {tensor.dtype}")
+        if not torch.isfinite(tensor).all():
+            raise InputError("the input tensor contains NaN or infinite values")
+        batch = tensor.detach().to(self.device)
+        pixels = self.preprocess.unnormalize(batch.float()).mul(255).round().byte()
+        originals = list(pixels.permute(0, 2, 3, 1).cpu().numpy())
+        names = [f"image{i}" for i in range(batch.shape[0])]
+        return Batch(tensor=batch, originals=originals, names=names)
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over classes, or per-class sigmoid for a multi-label model."""
+        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """The raw forward: logits for a preprocessed batch (the module as it is, no state change)."""
+        return self.module(batch)
+
+    def predict(self, images: object, top_k: int = 5) -> list[list[Prediction]]:
+        """The top-k classes of each image, with probabilities (eval mode, no gradients)."""
+        batch = self.prepare(images)
+        with preserved(self.module), torch.no_grad():
+            logits = self.module(batch.tensor)
+        return self.top_predictions(logits, top_k)
+
+    def top_predictions(self, logits: torch.Tensor, top_k: int = 5) -> list[list[Prediction]]:
+        if top_k < 1:
+            raise InputError(f"top_k must be at least 1, got {top_k}")
+        probs = self.probabilities(logits.detach().float())
+        k = min(top_k, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
+        labels = self.labels
+        return [
+            [
+                Prediction(int(i), labels[int(i)], float(v), float(logits[row, int(i)]))
+                for v, i in zip(values[row], indices[row], strict=True)
+            ]
+            for row in range(probs.shape[0])
+        ]
+
+
+def _name_of(image: ImageSource, index: int) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return os.path.splitext(os.path.basename(os.fspath(image)))[0] or f"image{index}"
+    return f"image{index}"

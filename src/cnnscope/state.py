@@ -1,0 +1,72 @@
+"""Leave the user's model as it was: ``preserved(module)`` restores what a method may change.
+
+Inside the context every submodule is put in eval mode by setting its own ``training`` flag (never
+by calling ``.eval()``, which a wrapper may override to do something else). On exit, also after an
+exception, each module's ``training`` flag, each parameter's ``requires_grad`` flag and each
+parameter's ``.grad`` are put back exactly as they were.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import CnnscopeWarning
+
+
+@dataclass
+class ModelState:
+    """A snapshot of the mutable state of a module tree that cnnscope promises not to change."""
+
+    training: list[tuple[nn.Module, bool]]
+    requires_grad: list[tuple[torch.Tensor, bool]]
+    grads: list[tuple[torch.Tensor, torch.Tensor | None]]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> ModelState:
+        params = list(module.parameters())
+        return cls(
+            training=[(m, m.training) for m in module.modules()],
+            requires_grad=[(p, p.requires_grad) for p in params],
+            grads=[(p, p.grad) for p in params],
+        )
+
+    def restore(self) -> None:
+        for module, flag in self.training:
+            module.training = flag
+        for param, flag in self.requires_grad:
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
+        for param, grad in self.grads:
+            if param.grad is not grad:
+                param.grad = grad
+
+
+def set_eval(module: nn.Module) -> None:
+    """Eval mode by flag, module by module (see the module docstring for why not ``.eval()``)."""
+    for sub in module.modules():
+        sub.training = False
+
+
+@contextmanager
+def preserved(module: nn.Module, *, eval_mode: bool = True, warn_if_training: bool = True) -> Iterator[None]:
+    """Run the body in eval mode and restore the module's flags and gradients afterwards."""
+    state = ModelState.of(module)
+    if eval_mode:
+        if warn_if_training and module.training:
+            warnings.warn(
+                "the model was in train mode; cnnscope explains it in eval mode (dropout off, batch-norm "
+                "running statistics) and puts train mode back afterwards",
+                CnnscopeWarning,
+                stacklevel=4,
+            )
+        set_eval(module)
+    try:
+        yield
+    finally:
+        state.restore()
