@@ -1,0 +1,161 @@
+"""``Explanation``: what a method computed, and what produced it.
+
+Maps keep their sign and scale: ``raw`` is at the explained layer's resolution (or the input's,
+for pixel methods) and ``maps`` is ``raw`` upsampled to the model input. ``normalized()`` is the
+view that renderers use; metrics should use ``raw``/``maps``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .models.labels import short_name
+from .models.model import Prediction
+from .render.colormaps import default_colormap
+from .render.overlay import overlay as blend
+from .render.overlay import save_png
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Maps for B images x K targets.
+
+    Attributes:
+        raw: (B, K, h, w) float maps as the method computed them (sign and scale kept).
+        maps: (B, K, H, W) ``raw`` bilinearly upsampled to the model input size.
+        targets: (B, K) class indices; -1 where an image has fewer targets than K.
+        scores: (B, K) the targets' logits (NaN for -1).
+        probabilities: (B, C) softmax (or sigmoid, multi-label) of every class.
+        labels: the model's class labels.
+        top: the top-5 predictions of each image.
+        images: the original RGB uint8 images; names: a name per image.
+        method, layer, options: what produced the maps. signed: whether negative values mean
+        something (drawn with a diverging colormap). stats: forward/backward counts and seconds.
+        notes: warnings about the result (also issued as ``CnnscopeWarning``).
+    """
+
+    raw: torch.Tensor
+    maps: torch.Tensor
+    targets: torch.Tensor
+    scores: torch.Tensor
+    probabilities: torch.Tensor
+    labels: tuple[str, ...]
+    top: list[list[Prediction]]
+    images: list[np.ndarray]
+    names: list[str]
+    method: str
+    layer: str | None
+    options: dict = field(default_factory=dict)
+    signed: bool = False
+    stats: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    # -- access ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.raw.shape[0]
+
+    def __repr__(self) -> str:
+        b, k, h, w = self.raw.shape
+        return f"Explanation({self.method}, {b} image(s) x {k} target(s), raw {h}x{w}, layer={self.layer})"
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        """(image, target slot) pairs that hold a target (skips -1 padding)."""
+        for i in range(self.targets.shape[0]):
+            for k in range(self.targets.shape[1]):
+                if int(self.targets[i, k]) >= 0:
+                    yield i, k
+
+    def target_label(self, i: int, k: int) -> str:
+        index = int(self.targets[i, k])
+        return self.labels[index] if index >= 0 else ""
+
+    def probability(self, i: int, k: int) -> float:
+        index = int(self.targets[i, k])
+        return float(self.probabilities[i, index]) if index >= 0 else float("nan")
+
+    def numpy(self) -> np.ndarray:
+        """``maps`` as a (B, K, H, W) float32 array."""
+        return self.maps.detach().cpu().float().numpy()
+
+    def normalized(self) -> torch.Tensor:
+        """``maps`` scaled per map for display: to [0, 1] by the maximum (negative parts clipped),
+        or to [-1, 1] by the largest magnitude when the method is signed. All-zero maps stay zero."""
+        maps = self.maps.detach().float()
+        if self.signed:
+            scale = maps.abs().amax(dim=(2, 3), keepdim=True)
+            return torch.where(scale > 0, maps / scale.clamp_min(1e-30), torch.zeros_like(maps))
+        positive = maps.clamp_min(0)
+        scale = positive.amax(dim=(2, 3), keepdim=True)
+        return torch.where(scale > 0, positive / scale.clamp_min(1e-30), torch.zeros_like(maps))
+
+    def peak(self, i: int = 0, k: int = 0) -> tuple[int, int]:
+        """(x, y) of the map's maximum, in the original image's pixels."""
+        self._check(i, k)
+        heat = self.maps[i, k]
+        flat = int(torch.argmax(heat))
+        height, width = heat.shape
+        y, x = divmod(flat, width)
+        original_h, original_w = self.images[i].shape[:2]
+        return (
+            int(min(original_w - 1, (x + 0.5) * original_w / width)),
+            int(min(original_h - 1, (y + 0.5) * original_h / height)),
+        )
+
+    def _check(self, i: int, k: int) -> None:
+        b, kk = self.targets.shape
+        if not (0 <= i < b and 0 <= k < kk):
+            raise InputError(f"no map ({i}, {k}); this explanation has {b} image(s) x {kk} target(s)")
+
+    # -- pictures --------------------------------------------------------------------------------
+    def overlay(self, i: int = 0, k: int = 0, *, alpha: float = 0.5, colormap: str | None = None) -> np.ndarray:
+        """The map blended over the original image, as (H, W, 3) uint8."""
+        self._check(i, k)
+        heat = self.normalized()[i, k].cpu().numpy()
+        return blend(self.images[i], heat, alpha=alpha, colormap=colormap or default_colormap(self.signed),
+                     signed=self.signed)
+
+    def caption(self, i: int, k: int) -> str:
+        return f"{self.method} · {short_name(self.target_label(i, k))} ({self.probability(i, k):.1%})"
+
+    def figure(self, i: int = 0, *, alpha: float = 0.5, colormap: str | None = None, top_k: int = 5):
+        """A matplotlib Figure: image | one overlay per target | top-k bar chart."""
+        from .render.figure import explanation_figure
+
+        overlays = [
+            (self.caption(i, k), self.overlay(i, k, alpha=alpha, colormap=colormap))
+            for ii, k in self.items()
+            if ii == i
+        ]
+        top = [(short_name(p.label), p.probability) for p in self.top[i][:top_k]]
+        return explanation_figure(self.images[i], overlays, top, title=self.names[i])
+
+    def save(self, directory: str | os.PathLike, *, alpha: float = 0.5, colormap: str | None = None) -> list[Path]:
+        """Write one overlay PNG per (image, target): ``NAME_METHOD_CLASS.png``. Returns the paths."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, k in self.items():
+            path = out / overlay_filename(self.names[i], self.method, int(self.targets[i, k]), self.labels)
+            save_png(self.overlay(i, k, alpha=alpha, colormap=colormap), str(path))
+            paths.append(path)
+        return paths
+
+    def _repr_png_(self) -> bytes:
+        """Jupyter shows the first image's figure."""
+        from .render.figure import figure_png
+
+        return figure_png(self.figure(0))
+
+
+def overlay_filename(name: str, method: str, index: int, labels: tuple[str, ...] | list[str]) -> str:
+    label = short_name(labels[index]) if 0 <= index < len(labels) else str(index)
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label.replace(" ", "_"))
+    safe_name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    return f"{safe_name}_{method}_{index}-{safe}.png"

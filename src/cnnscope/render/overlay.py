@@ -1,0 +1,52 @@
+"""Heatmap overlays on the original image (not the resized model input)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import InputError
+from .colormaps import colorize, default_colormap
+
+
+def resize_map(values: np.ndarray | torch.Tensor, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a 2-D map to (height, width)."""
+    tensor = torch.as_tensor(np.asarray(values, dtype=np.float32))[None, None]
+    if tensor.shape[-2:] == (height, width):
+        return tensor[0, 0].numpy()
+    return F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def overlay(
+    image: np.ndarray,
+    heat: np.ndarray,
+    *,
+    alpha: float = 0.5,
+    colormap: str | None = None,
+    signed: bool = False,
+) -> np.ndarray:
+    """Blend a normalized map (in [0, 1], or [-1, 1] when ``signed``) over an RGB uint8 image.
+
+    The map is resized to the image, coloured, and mixed as ``(1 - alpha) * image + alpha * colour``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"alpha must be between 0 and 1, got {alpha}")
+    height, width = image.shape[:2]
+    colour = colorize(resize_map(heat, height, width), colormap or default_colormap(signed), signed=signed)
+    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * colour.astype(np.float32)
+    return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """Encode an RGB uint8 array as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+    Image.fromarray(image).save(path, format="PNG")
