@@ -71,6 +71,6 @@ class Registry(Generic[T]):
 
 # The registries themselves. Entries are added by the modules that define them
 # (cnnscope.methods, cnnscope.models.zoo, cnnscope.render.colormaps) on import.
-METHODS: Registry = Registry("method", list_hint="cnnscope.list_methods() lists them")
-MODELS: Registry = Registry("model", list_hint="cnnscope.list_models() lists them")
+METHODS: Registry = Registry("method", list_hint="`cnnscope methods` lists them")
+MODELS: Registry = Registry("model", list_hint="`cnnscope models` lists them")
 COLORMAPS: Registry = Registry("colormap")

@@ -47,7 +47,7 @@ class Computed:
     targets: torch.Tensor  # (B, K)
     forwards: int = 1
     backwards: int = 0
-    notes: list[str] = field(default_factory=list)
+    notes: list[tuple[int, str]] = field(default_factory=list)  # (image index, message)
 
 
 class Method:
@@ -92,10 +92,15 @@ class Method:
         layer = f", layer={self.layer.key!r}" if self.layer else ""
         return f"{type(self).__name__}({self.model.name!r}{layer})"
 
-    def __call__(self, images: object, target: object = "top1", *, threshold: float = 0.5) -> Explanation:
+    def __call__(self, images: object, target: object = "top1", *, threshold: float = 0.5,
+                 names: list[str] | None = None) -> Explanation:
         """Explain ``images`` (paths, arrays, PIL images, or a preprocessed tensor) for ``target``
-        (see :mod:`cnnscope.targets`)."""
+        (see :mod:`cnnscope.targets`). ``names`` name the images in notes and file names."""
         batch = self.model.prepare(images)
+        if names is not None:
+            if len(names) != batch.tensor.shape[0]:
+                raise MethodError(f"{len(names)} names for {batch.tensor.shape[0]} images")
+            batch = type(batch)(tensor=batch.tensor, originals=batch.originals, names=list(names))
         started = time.perf_counter()
         with preserved(self.model.module):
             computed = self.compute(batch.tensor, lambda logits: self.resolve(target, logits, threshold))
@@ -108,7 +113,7 @@ class Method:
         scores = torch.where(
             targets >= 0, logits.gather(1, targets.clamp_min(0)), torch.full_like(targets, float("nan"), dtype=logits.dtype)
         )
-        notes = list(computed.notes) + self._similar_map_notes(raw, targets)
+        notes = [f"{batch.names[i]}: {text}" for i, text in computed.notes + self._similar_map_notes(raw, targets)]
         for note in notes:
             warnings.warn(note, CnnscopeWarning, stacklevel=2)
         return Explanation(
@@ -141,7 +146,8 @@ class Method:
         """Compute raw maps for ``batch``; ``resolve(logits)`` gives the (B, K) targets."""
         raise NotImplementedError
 
-    def _similar_map_notes(self, raw: torch.Tensor, targets: torch.Tensor, limit: float = 0.99) -> list[str]:
+    def _similar_map_notes(self, raw: torch.Tensor, targets: torch.Tensor,
+                           limit: float = 0.99) -> list[tuple[int, str]]:
         """The multi-label trap: maps of different classes that are nearly the same picture."""
         notes = []
         labels = self.model.labels
@@ -159,9 +165,9 @@ class Method:
                 for b in range(a + 1, len(slots)):
                     if corr[a, b] > limit:
                         first, second = (short_name(labels[int(targets[i, slots[j]])]) for j in (a, b))
-                        notes.append(
-                            f"image {i}: the {self.name} maps of '{first}' and '{second}' are nearly identical "
+                        notes.append((i,
+                            f"the {self.name} maps of '{first}' and '{second}' are nearly identical "
                             f"(Pearson r = {float(corr[a, b]):.3f}); they do not show what separates these classes "
                             "(try an earlier layer, or a pixel-level method)"
-                        )
+                        ))
         return notes

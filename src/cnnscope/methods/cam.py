@@ -91,11 +91,11 @@ class CAMBase(Method):
         for i, k in zip(*torch.nonzero(targets >= 0, as_tuple=True), strict=True):
             if float(maps[i, k].max()) <= 0.0:
                 label = short_name(self.model.labels[int(targets[i, k])])
-                notes.append(
-                    f"image {int(i)}: the {self.name} map of '{label}' is empty: at layer {self.layer.key} "
+                notes.append((int(i),
+                    f"the {self.name} map of '{label}' is empty: at layer {self.layer.key} "
                     "the weighted channels lower its score everywhere (every region argues against it); "
                     "counterfactual=True (--counterfactual) maps the regions that lower it"
-                )
+                ))
         return notes
 
 

@@ -1,0 +1,310 @@
+"""``cnnscope predict|explain|layers|labels|methods|demo``.
+
+Every command takes ``--json`` (one JSON document on stdout) and ``-q``. Errors caused by input
+are printed on one line (``cnnscope: error: ...``) with exit status 2; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from .._registry import METHODS, MODELS
+from ..errors import CnnscopeError, CnnscopeWarning, InputError
+from ..io import find_images, load_image
+from ..models import DEFAULT_MODEL, Model, load_model
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="See what an image classifier looks at. Default model: ImageNet EfficientNet-Lite0 (offline).",
+)
+
+_state = {"quiet": False, "debug": False}
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name, torchvision:NAME or a model file")]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture of a state_dict file")]  # noqa: UP045
+NoWeightsOpt = Annotated[bool, typer.Option("--no-weights", help="architecture only, random weights")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow unpickling a full-module file")]
+MultiOpt = Annotated[bool, typer.Option("--multilabel", help="sigmoid scores (multi-label model)")]
+LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="text file, one class label per line")]  # noqa: UP045
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or warnings")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cnnscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _load(model: str, arch: str | None, no_weights: bool, trust_pickle: bool, multilabel: bool,
+          labels: Path | None) -> Model:
+    label_list = None
+    if labels is not None:
+        try:
+            label_list = [line.strip() for line in labels.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as exc:
+            raise InputError(f"cannot read labels file '{labels}': {exc.strerror}") from None
+    return load_model(model, arch=arch, weights=not no_weights, trust_pickle=trust_pickle,
+                      multilabel=multilabel or None, labels=label_list)
+
+
+def _print_json(document: object) -> None:
+    typer.echo(json.dumps(document, indent=2))
+
+
+def _read_images(paths: list[Path]) -> tuple[list, list[str]]:
+    files = find_images(paths)
+    return [load_image(path) for path in files], [path.stem for path in files]
+
+
+def _targets(values: list[str] | None, top_k: int | None) -> object:
+    if values and top_k:
+        raise InputError("give either --target or --top-k, not both")
+    if values:
+        parts = [part.strip() for value in values for part in value.split(";") if part.strip()]
+        if len(parts) == 1 and parts[0].lower().startswith(("top", "positive")):
+            return parts[0]
+        return parts
+    return f"top{top_k}" if top_k else "top1"
+
+
+def _method_options(counterfactual: bool, relu: bool | None) -> dict:
+    options: dict = {}
+    if counterfactual:
+        options["counterfactual"] = True
+    if relu is not None:
+        options["relu"] = relu
+    return options
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    model: ModelOpt = DEFAULT_MODEL,
+    top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
+    arch: ArchOpt = None,
+    no_weights: NoWeightsOpt = False,
+    trust_pickle: TrustOpt = False,
+    multilabel: MultiOpt = False,
+    labels: LabelsOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Top-k predictions with probabilities."""
+    _state["quiet"] = quiet
+    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels)
+    pictures, names = _read_images(images)
+    results = []
+    for start in range(0, len(pictures), 16):
+        for name, predictions in zip(names[start:start + 16], loaded.predict(pictures[start:start + 16], top_k),
+                                     strict=True):
+            results.append({"image": name, "predictions": [
+                {"class_index": p.index, "class_name": p.name, "label": p.label, "probability": round(p.probability, 6)}
+                for p in predictions]})
+    if as_json:
+        _print_json({"model": loaded.name, "results": results})
+        return
+    for result in results:
+        typer.echo(result["image"])
+        for p in result["predictions"]:
+            typer.echo(f"  {p['probability']:7.2%}  {p['class_index']:>5}  {p['label']}")
+
+
+@app.command()
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    method: Annotated[list[str], typer.Option("--method", help="method name; repeat or comma-separate")] = ["gradcam"],  # noqa: B006
+    target: Annotated[Optional[list[str]], typer.Option("--target", "-t", help="class index or name; repeatable")] = None,  # noqa: UP045
+    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="explain the top K classes")] = None,  # noqa: UP045
+    layer: Annotated[Optional[str], typer.Option("--layer", help="layer name (cnnscope layers)")] = None,  # noqa: UP045
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("cnnscope-out"),
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    no_weights: NoWeightsOpt = False,
+    trust_pickle: TrustOpt = False,
+    multilabel: MultiOpt = False,
+    labels: LabelsOpt = None,
+    counterfactual: Annotated[bool, typer.Option("--counterfactual", help="negated gradients (Grad-CAM)")] = False,
+    relu: Annotated[Optional[bool], typer.Option("--relu/--no-relu", help="clip negative map values")] = None,  # noqa: UP045
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0)] = 0.5,
+    colormap: Annotated[Optional[str], typer.Option("--colormap")] = None,  # noqa: UP045
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="write report.html")] = True,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Explain images: PNG overlays (and report.html) in the output folder."""
+    _state["quiet"] = quiet
+    methods = [m.strip() for value in method for m in value.split(",") if m.strip()]
+    for name in methods:
+        METHODS.get(name)
+    if colormap is not None:
+        from ..render.colormaps import lookup_table
+
+        lookup_table(colormap)
+    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels)
+    pictures, names = _read_images(images)
+    summary = _run(loaded, pictures, names, methods=methods, target=_targets(target, top_k), layer=layer,
+                   out_dir=out, report=report, batch_size=batch_size, alpha=alpha, colormap=colormap,
+                   options=_method_options(counterfactual, relu))
+    _print_summary(summary, as_json)
+
+
+def _run(model: Model, pictures: list, names: list[str], **kwargs) -> dict:
+    from ..runner import explain_images
+
+    show = not _state["quiet"] and len(pictures) > kwargs.get("batch_size", 8)
+    if not show:
+        return explain_images(model, pictures, names, **kwargs)
+    with typer.progressbar(length=len(pictures), label="explaining", file=sys.stderr) as bar:
+        return explain_images(model, pictures, names, progress=bar.update, **kwargs)
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        _print_json(summary)
+        return
+    for image in summary["images"]:
+        top = image["top5"][0]
+        typer.echo(f"{image['image']}: {top['class_name']} ({top['probability']:.1%})")
+        for entry in image["explanations"]:
+            where = entry["file"] or ""
+            typer.echo(f"  {entry['method']:<10} {entry['class_name']:<24} {entry['probability']:7.2%}  "
+                       f"peak {tuple(entry['peak'])}  {where}")
+    if summary.get("report"):
+        typer.echo(f"report: {summary['report']}")
+
+
+@app.command()
+def layers(
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    no_weights: NoWeightsOpt = False,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The layer table: name, type, output shape, parameters; and the default target layer."""
+    loaded = _load(model, arch, no_weights, trust_pickle, False, None)
+    if as_json:
+        _print_json({
+            "model": loaded.name,
+            "default_layer": loaded.default_layer().key,
+            "layers": [{"name": row.key, "module": row.name, "type": row.type, "call": row.call,
+                        "calls": row.calls, "output_shape": list(row.output_shape), "params": row.params}
+                       for row in loaded.layers()],
+        })
+        return
+    typer.echo(loaded.summary())
+
+
+@app.command(name="labels")
+def labels_command(
+    search: Annotated[Optional[str], typer.Argument(help="show only labels containing this text")] = None,  # noqa: UP045
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    labels: LabelsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The model's class labels with their indices."""
+    loaded = _load(model, arch, False, False, False, labels)
+    rows = [(i, label) for i, label in enumerate(loaded.labels) if not search or search.lower() in label.lower()]
+    if as_json:
+        _print_json([{"class_index": i, "label": label} for i, label in rows])
+        return
+    for i, label in rows:
+        typer.echo(f"{i:>5}  {label}")
+
+
+@app.command()
+def methods(as_json: JsonOpt = False) -> None:
+    """The registered methods and their options."""
+    rows = [{"name": name, "summary": cls.summary, "uses_layer": cls.uses_layer,
+             "options": {k: v for k, v in cls.options.items()}} for name, cls in METHODS.items()]
+    if as_json:
+        _print_json(rows)
+        return
+    for row in rows:
+        options = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+        typer.echo(f"{row['name']:<12} {row['summary']}" + (f"  [{options}]" if options else ""))
+
+
+@app.command()
+def models(as_json: JsonOpt = False) -> None:
+    """The zoo models that load offline (torchvision:NAME and model files work too)."""
+    rows = [{"name": name, "description": entry.description} for name, entry in MODELS.items()]
+    if as_json:
+        _print_json(rows)
+        return
+    for row in rows:
+        typer.echo(f"{row['name']:<20} {row['description']}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("cnnscope-out"),
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Explain the bundled sample photos with Grad-CAM and CAM: overlays and report.html in --out."""
+    from ..samples import SAMPLES, sample_image
+
+    _state["quiet"] = quiet
+    loaded = load_model(DEFAULT_MODEL)
+    pictures = [sample_image(name) for name in SAMPLES]
+    summary = _run(loaded, pictures, list(SAMPLES), methods=["gradcam", "cam"], target="top1", out_dir=out,
+                   report=True, batch_size=len(pictures))
+    _print_summary(summary, as_json)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if _state["quiet"]:
+        return
+    if issubclass(category, CnnscopeWarning):
+        sys.stderr.write(f"cnnscope: warning: {message}\n")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        # standalone mode: usage errors print click's message and exit 2; our errors come through here
+        app(args=args, prog_name="cnnscope")
+    except CnnscopeError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"cnnscope: error: {exc}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("cnnscope: interrupted\n")
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"cnnscope: internal error: {type(exc).__name__}: {exc} "
+                         "(rerun with --debug for the traceback, and please report it)\n")
+        sys.exit(1)
+    finally:
+        warnings.showwarning = previous

@@ -1,0 +1,120 @@
+"""Explaining a set of images with several methods: overlays on disk, a report, a JSON-able summary.
+
+This is the job behind ``cnnscope explain`` and ``cnnscope demo``; it only calls the library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ._registry import METHODS
+from .explanation import Explanation
+from .models import Model
+from .models.labels import short_name
+from .render.report import ReportRow, write_report
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Make names unique for file names: 'x', 'x' -> 'x', 'x-2'."""
+    seen: dict[str, int] = {}
+    result = []
+    for name in names:
+        count = seen.get(name, 0) + 1
+        seen[name] = count
+        result.append(name if count == 1 else f"{name}-{count}")
+    return result
+
+
+def explain_images(
+    model: Model,
+    images: Sequence[np.ndarray],
+    names: Sequence[str],
+    *,
+    methods: Sequence[str] = ("gradcam",),
+    target: object = "top1",
+    layer: str | None = None,
+    out_dir: str | Path | None = None,
+    report: bool = True,
+    batch_size: int = 8,
+    alpha: float = 0.5,
+    colormap: str | None = None,
+    options: dict | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Run each method on the images in batches; write PNG overlays (and report.html) to ``out_dir``.
+
+    Returns a JSON-able summary: per image, its top-5 and, per method and target, the class, its
+    probability, the layer, the overlay file and the map's peak (x, y) in original-image pixels.
+    """
+    names = unique_names(names)
+    options = options or {}
+    explainers = []
+    for method in methods:
+        cls = METHODS.get(method)
+        accepted = {k: v for k, v in options.items() if k in cls.options}
+        kwargs = {"layer": layer} if layer is not None and cls.uses_layer else {}
+        explainers.append(cls(model, **kwargs, **accepted))
+    out = Path(out_dir) if out_dir is not None else None
+    results = [{"image": name, "size": [int(img.shape[1]), int(img.shape[0])], "top5": [], "explanations": []}
+               for name, img in zip(names, images, strict=True)]
+    notes: list[str] = []
+    rows_overlays: list[list[tuple[str, np.ndarray]]] = [[] for _ in images]
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start:start + batch_size])
+        for explainer in explainers:
+            explanation: Explanation = explainer(chunk, target, names=names[start:start + batch_size])
+            for local, k in explanation.items():
+                index = start + local
+                picture = explanation.overlay(local, k, alpha=alpha, colormap=colormap)
+                class_index = int(explanation.targets[local, k])
+                entry = {
+                    "method": explanation.method,
+                    "class_index": class_index,
+                    "class_name": short_name(explanation.labels[class_index]),
+                    "label": explanation.labels[class_index],
+                    "probability": round(explanation.probability(local, k), 6),
+                    "layer": explanation.layer,
+                    "peak": list(explanation.peak(local, k)),
+                    "file": None,
+                }
+                if out is not None:
+                    from .explanation import overlay_filename
+                    from .render.overlay import save_png
+
+                    out.mkdir(parents=True, exist_ok=True)
+                    path = out / overlay_filename(names[index], explanation.method, class_index, explanation.labels)
+                    save_png(picture, str(path))
+                    entry["file"] = str(path)
+                results[index]["explanations"].append(entry)
+                rows_overlays[index].append((explanation.caption(local, k), picture))
+            for local, predictions in enumerate(explanation.top):
+                results[start + local]["top5"] = [
+                    {"class_index": p.index, "class_name": p.name, "probability": round(p.probability, 6)}
+                    for p in predictions
+                ]
+            notes.extend(explanation.notes)
+        if progress is not None:
+            progress(len(chunk))
+    summary = {"model": model.name, "methods": list(methods), "images": results, "notes": notes,
+               "report": None}
+    if out is not None and report:
+        rows = [
+            ReportRow(
+                name=result["image"],
+                image=image,
+                top=[(p["class_name"], p["probability"]) for p in result["top5"]],
+                overlays=overlays,
+            )
+            for result, image, overlays in zip(results, images, rows_overlays, strict=True)
+        ]
+        path = write_report(
+            out / "report.html",
+            rows,
+            title="cnnscope report",
+            meta=f"model {model.name} · methods {', '.join(methods)} · target {target}",
+        )
+        summary["report"] = str(path)
+    return summary
