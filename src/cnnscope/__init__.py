@@ -1,15 +1,23 @@
 """cnnscope: what an image classifier looks at, and whether it looks there for the right reasons.
 
-    import cnnscope
-    model = cnnscope.load_model()                      # ImageNet EfficientNet-Lite0, offline
-    explanation = cnnscope.explain(model, "cat.jpg", method="gradcam", target="top5")
-    explanation.figure(0)                              # image | overlays | top-5 bars
+import cnnscope
+model = cnnscope.load_model()                      # ImageNet EfficientNet-Lite0, offline
+explanation = cnnscope.explain(model, "cat.jpg", method="gradcam", target="top5")
+explanation.figure(0)                              # image | overlays | top-5 bars
 """
 
 from __future__ import annotations
 
 from ._registry import METHODS
-from .errors import CnnscopeError, CnnscopeWarning, InputError, LayerNotFoundError, MethodError, ModelError, TargetError
+from .errors import (
+    CnnscopeError,
+    CnnscopeWarning,
+    InputError,
+    LayerNotFoundError,
+    MethodError,
+    ModelError,
+    TargetError,
+)
 from .explanation import Explanation
 from .io import load_image, load_images
 from .methods import get_method, list_methods
@@ -38,8 +46,16 @@ __all__ = [
 ]
 
 
-def explain(model, images, method: str = "gradcam", target: object = "top1", *, layer=None,
-            threshold: float = 0.5, **options) -> Explanation:
+def explain(
+    model,
+    images,
+    method: str = "gradcam",
+    target: object = "top1",
+    *,
+    layer=None,
+    threshold: float = 0.5,
+    **options,
+) -> Explanation:
     """Explain ``images`` with ``method`` for ``target`` classes in one call.
 
     ``model``: a Model, an nn.Module or a name/path for :func:`load_model`. ``images``: paths,

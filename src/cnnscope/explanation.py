@@ -118,8 +118,13 @@ class Explanation:
         """The map blended over the original image, as (H, W, 3) uint8."""
         self._check(i, k)
         heat = self.normalized()[i, k].cpu().numpy()
-        return blend(self.images[i], heat, alpha=alpha, colormap=colormap or default_colormap(self.signed),
-                     signed=self.signed)
+        return blend(
+            self.images[i],
+            heat,
+            alpha=alpha,
+            colormap=colormap or default_colormap(self.signed),
+            signed=self.signed,
+        )
 
     def caption(self, i: int, k: int) -> str:
         return f"{self.method} · {short_name(self.target_label(i, k))} ({self.probability(i, k):.1%})"

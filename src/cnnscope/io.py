@@ -8,12 +8,12 @@ images above a pixel limit before decoding them (decompression bombs). Every pro
 
 from __future__ import annotations
 
+import contextlib
 import io as _io
 import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -25,7 +25,7 @@ MAX_PIXELS = 100_000_000
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
-ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
 def _describe(source: object) -> str:
@@ -111,7 +111,7 @@ def _open_and_convert(handle: _io.IOBase, name: str, max_pixels: int) -> np.ndar
         except UnidentifiedImageError:
             raise InputError(f"{name} is not an image (no format Pillow reads recognises it)") from None
         except Image.DecompressionBombError as exc:
-            raise InputError(f"{name} is too large to decode safely: {exc}") from None
+            raise InputError(f"{name} is over the limit of pixels that decode safely ({exc})") from None
         except OSError as exc:
             raise InputError(f"{name} cannot be read: {exc}") from None
         _check_size(image.size, name, max_pixels)
@@ -120,16 +120,12 @@ def _open_and_convert(handle: _io.IOBase, name: str, max_pixels: int) -> np.ndar
             image.load()
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise InputError(f"{name} is truncated or corrupt ({exc})") from None
-        except Image.DecompressionBombError as exc:
-            raise InputError(f"{name} is too large to decode safely: {exc}") from None
         return _pil_to_rgb(image, name)
 
 
 def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
-    try:
+    with contextlib.suppress(Exception):  # a broken EXIF block must not lose the picture
         image = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block must not lose the picture
-        pass
     mode = image.mode
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(image, dtype=np.float64)

@@ -58,14 +58,16 @@ def explain_images(
         kwargs = {"layer": layer} if layer is not None and cls.uses_layer else {}
         explainers.append(cls(model, **kwargs, **accepted))
     out = Path(out_dir) if out_dir is not None else None
-    results = [{"image": name, "size": [int(img.shape[1]), int(img.shape[0])], "top5": [], "explanations": []}
-               for name, img in zip(names, images, strict=True)]
+    results = [
+        {"image": name, "size": [int(img.shape[1]), int(img.shape[0])], "top5": [], "explanations": []}
+        for name, img in zip(names, images, strict=True)
+    ]
     notes: list[str] = []
     rows_overlays: list[list[tuple[str, np.ndarray]]] = [[] for _ in images]
     for start in range(0, len(images), batch_size):
-        chunk = list(images[start:start + batch_size])
+        chunk = list(images[start : start + batch_size])
         for explainer in explainers:
-            explanation: Explanation = explainer(chunk, target, names=names[start:start + batch_size])
+            explanation: Explanation = explainer(chunk, target, names=names[start : start + batch_size])
             for local, k in explanation.items():
                 index = start + local
                 picture = explanation.overlay(local, k, alpha=alpha, colormap=colormap)
@@ -98,8 +100,13 @@ def explain_images(
             notes.extend(explanation.notes)
         if progress is not None:
             progress(len(chunk))
-    summary = {"model": model.name, "methods": list(methods), "images": results, "notes": notes,
-               "report": None}
+    summary = {
+        "model": model.name,
+        "methods": list(methods),
+        "images": results,
+        "notes": notes,
+        "report": None,
+    }
     if out is not None and report:
         rows = [
             ReportRow(

@@ -65,9 +65,7 @@ def resolve_targets(
     if _is_per_image(target):
         rows = list(target)  # type: ignore[arg-type]
         if len(rows) != batch:
-            raise TargetError(
-                f"{len(rows)} per-image target lists for {batch} images; give one list per image"
-            )
+            raise TargetError(f"{len(rows)} per-image target lists for {batch} images; give one list per image")
         return _pad([[_one(t, labels) for t in _as_list(row)] for row in rows], logits.device)
     row = [_one(t, labels) for t in _as_list(target)]
     if not row:
@@ -82,8 +80,10 @@ def _as_list(value: object) -> list:
 
 
 def _is_per_image(target: object) -> bool:
-    return isinstance(target, (list, tuple)) and len(target) > 0 and all(
-        isinstance(item, (list, tuple)) for item in target
+    return (
+        isinstance(target, (list, tuple))
+        and len(target) > 0
+        and all(isinstance(item, (list, tuple)) for item in target)
     )
 
 

@@ -10,7 +10,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,11 +30,11 @@ app = typer.Typer(
 _state = {"quiet": False, "debug": False}
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name, torchvision:NAME or a model file")]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture of a state_dict file")]  # noqa: UP045
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="architecture of a state_dict file")]
 NoWeightsOpt = Annotated[bool, typer.Option("--no-weights", help="architecture only, random weights")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow unpickling a full-module file")]
 MultiOpt = Annotated[bool, typer.Option("--multilabel", help="sigmoid scores (multi-label model)")]
-LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="text file, one class label per line")]  # noqa: UP045
+LabelsOpt = Annotated[Path | None, typer.Option("--labels", help="text file, one class label per line")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or warnings")]
 
@@ -53,16 +53,23 @@ def _root(
     _state["debug"] = debug
 
 
-def _load(model: str, arch: str | None, no_weights: bool, trust_pickle: bool, multilabel: bool,
-          labels: Path | None) -> Model:
+def _load(
+    model: str, arch: str | None, no_weights: bool, trust_pickle: bool, multilabel: bool, labels: Path | None
+) -> Model:
     label_list = None
     if labels is not None:
         try:
             label_list = [line.strip() for line in labels.read_text(encoding="utf-8").splitlines() if line.strip()]
         except OSError as exc:
             raise InputError(f"cannot read labels file '{labels}': {exc.strerror}") from None
-    return load_model(model, arch=arch, weights=not no_weights, trust_pickle=trust_pickle,
-                      multilabel=multilabel or None, labels=label_list)
+    return load_model(
+        model,
+        arch=arch,
+        weights=not no_weights,
+        trust_pickle=trust_pickle,
+        multilabel=multilabel or None,
+        labels=label_list,
+    )
 
 
 def _print_json(document: object) -> None:
@@ -113,11 +120,23 @@ def predict(
     pictures, names = _read_images(images)
     results = []
     for start in range(0, len(pictures), 16):
-        for name, predictions in zip(names[start:start + 16], loaded.predict(pictures[start:start + 16], top_k),
-                                     strict=True):
-            results.append({"image": name, "predictions": [
-                {"class_index": p.index, "class_name": p.name, "label": p.label, "probability": round(p.probability, 6)}
-                for p in predictions]})
+        for name, predictions in zip(
+            names[start : start + 16], loaded.predict(pictures[start : start + 16], top_k), strict=True
+        ):
+            results.append(
+                {
+                    "image": name,
+                    "predictions": [
+                        {
+                            "class_index": p.index,
+                            "class_name": p.name,
+                            "label": p.label,
+                            "probability": round(p.probability, 6),
+                        }
+                        for p in predictions
+                    ],
+                }
+            )
     if as_json:
         _print_json({"model": loaded.name, "results": results})
         return
@@ -130,10 +149,12 @@ def predict(
 @app.command()
 def explain(
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
-    method: Annotated[list[str], typer.Option("--method", help="method name; repeat or comma-separate")] = ["gradcam"],  # noqa: B006
-    target: Annotated[Optional[list[str]], typer.Option("--target", "-t", help="class index or name; repeatable")] = None,  # noqa: UP045
-    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="explain the top K classes")] = None,  # noqa: UP045
-    layer: Annotated[Optional[str], typer.Option("--layer", help="layer name (cnnscope layers)")] = None,  # noqa: UP045
+    method: Annotated[
+        list[str] | None, typer.Option("--method", help="method name (default gradcam); repeat or comma-separate")
+    ] = None,
+    target: Annotated[list[str] | None, typer.Option("--target", "-t", help="class index or name; repeatable")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", help="explain the top K classes")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", help="layer name (cnnscope layers)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("cnnscope-out"),
     model: ModelOpt = DEFAULT_MODEL,
     arch: ArchOpt = None,
@@ -142,9 +163,9 @@ def explain(
     multilabel: MultiOpt = False,
     labels: LabelsOpt = None,
     counterfactual: Annotated[bool, typer.Option("--counterfactual", help="negated gradients (Grad-CAM)")] = False,
-    relu: Annotated[Optional[bool], typer.Option("--relu/--no-relu", help="clip negative map values")] = None,  # noqa: UP045
+    relu: Annotated[bool | None, typer.Option("--relu/--no-relu", help="clip negative map values")] = None,
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0)] = 0.5,
-    colormap: Annotated[Optional[str], typer.Option("--colormap")] = None,  # noqa: UP045
+    colormap: Annotated[str | None, typer.Option("--colormap")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     report: Annotated[bool, typer.Option("--report/--no-report", help="write report.html")] = True,
     as_json: JsonOpt = False,
@@ -152,7 +173,7 @@ def explain(
 ) -> None:
     """Explain images: PNG overlays (and report.html) in the output folder."""
     _state["quiet"] = quiet
-    methods = [m.strip() for value in method for m in value.split(",") if m.strip()]
+    methods = [m.strip() for value in method or ["gradcam"] for m in value.split(",") if m.strip()]
     for name in methods:
         METHODS.get(name)
     if colormap is not None:
@@ -161,9 +182,20 @@ def explain(
         lookup_table(colormap)
     loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels)
     pictures, names = _read_images(images)
-    summary = _run(loaded, pictures, names, methods=methods, target=_targets(target, top_k), layer=layer,
-                   out_dir=out, report=report, batch_size=batch_size, alpha=alpha, colormap=colormap,
-                   options=_method_options(counterfactual, relu))
+    summary = _run(
+        loaded,
+        pictures,
+        names,
+        methods=methods,
+        target=_targets(target, top_k),
+        layer=layer,
+        out_dir=out,
+        report=report,
+        batch_size=batch_size,
+        alpha=alpha,
+        colormap=colormap,
+        options=_method_options(counterfactual, relu),
+    )
     _print_summary(summary, as_json)
 
 
@@ -186,8 +218,10 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         typer.echo(f"{image['image']}: {top['class_name']} ({top['probability']:.1%})")
         for entry in image["explanations"]:
             where = entry["file"] or ""
-            typer.echo(f"  {entry['method']:<10} {entry['class_name']:<24} {entry['probability']:7.2%}  "
-                       f"peak {tuple(entry['peak'])}  {where}")
+            typer.echo(
+                f"  {entry['method']:<10} {entry['class_name']:<24} {entry['probability']:7.2%}  "
+                f"peak {tuple(entry['peak'])}  {where}"
+            )
     if summary.get("report"):
         typer.echo(f"report: {summary['report']}")
 
@@ -204,20 +238,31 @@ def layers(
     """The layer table: name, type, output shape, parameters; and the default target layer."""
     loaded = _load(model, arch, no_weights, trust_pickle, False, None)
     if as_json:
-        _print_json({
-            "model": loaded.name,
-            "default_layer": loaded.default_layer().key,
-            "layers": [{"name": row.key, "module": row.name, "type": row.type, "call": row.call,
-                        "calls": row.calls, "output_shape": list(row.output_shape), "params": row.params}
-                       for row in loaded.layers()],
-        })
+        _print_json(
+            {
+                "model": loaded.name,
+                "default_layer": loaded.default_layer().key,
+                "layers": [
+                    {
+                        "name": row.key,
+                        "module": row.name,
+                        "type": row.type,
+                        "call": row.call,
+                        "calls": row.calls,
+                        "output_shape": list(row.output_shape),
+                        "params": row.params,
+                    }
+                    for row in loaded.layers()
+                ],
+            }
+        )
         return
     typer.echo(loaded.summary())
 
 
 @app.command(name="labels")
 def labels_command(
-    search: Annotated[Optional[str], typer.Argument(help="show only labels containing this text")] = None,  # noqa: UP045
+    search: Annotated[str | None, typer.Argument(help="show only labels containing this text")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     arch: ArchOpt = None,
     labels: LabelsOpt = None,
@@ -236,8 +281,15 @@ def labels_command(
 @app.command()
 def methods(as_json: JsonOpt = False) -> None:
     """The registered methods and their options."""
-    rows = [{"name": name, "summary": cls.summary, "uses_layer": cls.uses_layer,
-             "options": {k: v for k, v in cls.options.items()}} for name, cls in METHODS.items()]
+    rows = [
+        {
+            "name": name,
+            "summary": cls.summary,
+            "uses_layer": cls.uses_layer,
+            "options": {k: v for k, v in cls.options.items()},
+        }
+        for name, cls in METHODS.items()
+    ]
     if as_json:
         _print_json(rows)
         return
@@ -269,8 +321,16 @@ def demo(
     _state["quiet"] = quiet
     loaded = load_model(DEFAULT_MODEL)
     pictures = [sample_image(name) for name in SAMPLES]
-    summary = _run(loaded, pictures, list(SAMPLES), methods=["gradcam", "cam"], target="top1", out_dir=out,
-                   report=True, batch_size=len(pictures))
+    summary = _run(
+        loaded,
+        pictures,
+        list(SAMPLES),
+        methods=["gradcam", "cam"],
+        target="top1",
+        out_dir=out,
+        report=True,
+        batch_size=len(pictures),
+    )
     _print_summary(summary, as_json)
 
 
@@ -303,8 +363,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if debug:
             raise
-        sys.stderr.write(f"cnnscope: internal error: {type(exc).__name__}: {exc} "
-                         "(rerun with --debug for the traceback, and please report it)\n")
+        sys.stderr.write(
+            f"cnnscope: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with --debug for the traceback, and please report it)\n"
+        )
         sys.exit(1)
     finally:
         warnings.showwarning = previous

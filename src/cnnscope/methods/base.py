@@ -92,8 +92,14 @@ class Method:
         layer = f", layer={self.layer.key!r}" if self.layer else ""
         return f"{type(self).__name__}({self.model.name!r}{layer})"
 
-    def __call__(self, images: object, target: object = "top1", *, threshold: float = 0.5,
-                 names: list[str] | None = None) -> Explanation:
+    def __call__(
+        self,
+        images: object,
+        target: object = "top1",
+        *,
+        threshold: float = 0.5,
+        names: list[str] | None = None,
+    ) -> Explanation:
         """Explain ``images`` (paths, arrays, PIL images, or a preprocessed tensor) for ``target``
         (see :mod:`cnnscope.targets`). ``names`` name the images in notes and file names."""
         batch = self.model.prepare(images)
@@ -111,7 +117,9 @@ class Method:
         targets = computed.targets
         logits = computed.logits.detach().float()
         scores = torch.where(
-            targets >= 0, logits.gather(1, targets.clamp_min(0)), torch.full_like(targets, float("nan"), dtype=logits.dtype)
+            targets >= 0,
+            logits.gather(1, targets.clamp_min(0)),
+            torch.full_like(targets, float("nan"), dtype=logits.dtype),
         )
         notes = [f"{batch.names[i]}: {text}" for i, text in computed.notes + self._similar_map_notes(raw, targets)]
         for note in notes:
@@ -138,16 +146,15 @@ class Method:
         return self.signed
 
     def resolve(self, target: object, logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-        return resolve_targets(
-            target, logits, self.model.labels, multilabel=self.model.multilabel, threshold=threshold
-        )
+        return resolve_targets(target, logits, self.model.labels, multilabel=self.model.multilabel, threshold=threshold)
 
     def compute(self, batch: torch.Tensor, resolve) -> Computed:
         """Compute raw maps for ``batch``; ``resolve(logits)`` gives the (B, K) targets."""
         raise NotImplementedError
 
-    def _similar_map_notes(self, raw: torch.Tensor, targets: torch.Tensor,
-                           limit: float = 0.99) -> list[tuple[int, str]]:
+    def _similar_map_notes(
+        self, raw: torch.Tensor, targets: torch.Tensor, limit: float = 0.99
+    ) -> list[tuple[int, str]]:
         """The multi-label trap: maps of different classes that are nearly the same picture."""
         notes = []
         labels = self.model.labels
@@ -165,9 +172,12 @@ class Method:
                 for b in range(a + 1, len(slots)):
                     if corr[a, b] > limit:
                         first, second = (short_name(labels[int(targets[i, slots[j]])]) for j in (a, b))
-                        notes.append((i,
-                            f"the {self.name} maps of '{first}' and '{second}' are nearly identical "
-                            f"(Pearson r = {float(corr[a, b]):.3f}); they do not show what separates these classes "
-                            "(try an earlier layer, or a pixel-level method)"
-                        ))
+                        notes.append(
+                            (
+                                i,
+                                f"the {self.name} maps of '{first}' and '{second}' are nearly identical "
+                                f"(Pearson r = {float(corr[a, b]):.3f}); they do not show what separates these classes "
+                                "(try an earlier layer, or a pixel-level method)",
+                            )
+                        )
         return notes

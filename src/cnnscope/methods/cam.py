@@ -32,8 +32,9 @@ class CAMBase(Method):
     needs_gradients: ClassVar[bool] = True
     options: ClassVar[dict[str, object]] = {"relu": True, "counterfactual": False}
 
-    def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor | None,
-                        targets: torch.Tensor) -> torch.Tensor:
+    def channel_weights(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, targets: torch.Tensor
+    ) -> torch.Tensor:
         """(B, C, h, w) activations and (B, k, C, h, w) gradients -> (B, k, C) channel weights
         (or (B, k, C, h, w) for element-wise weights)."""
         raise NotImplementedError
@@ -44,29 +45,39 @@ class CAMBase(Method):
     def compute(self, batch: torch.Tensor, resolve) -> Computed:
         layer = self.layer
         assert layer is not None
-        with capture(self.model.module, [layer]) as record, torch.inference_mode(False), \
-                torch.set_grad_enabled(self.needs_gradients):
+        with (
+            capture(self.model.module, [layer]) as record,
+            torch.inference_mode(False),
+            torch.set_grad_enabled(self.needs_gradients),
+        ):
             logits = self.model.module(batch)
             activations = record[layer.key]
         targets = resolve(logits)
         self.check_head(activations, logits)
         maps, backwards = self._weighted_maps(activations, logits, targets)
         notes = self._empty_map_notes(maps, targets)
-        return Computed(raw=maps, logits=logits.detach(), targets=targets, forwards=record.forwards,
-                        backwards=backwards, notes=notes)
+        return Computed(
+            raw=maps,
+            logits=logits.detach(),
+            targets=targets,
+            forwards=record.forwards,
+            backwards=backwards,
+            notes=notes,
+        )
 
     def check_head(self, activations: torch.Tensor, logits: torch.Tensor) -> None:
         """A hook for methods that only apply to some heads (CAM)."""
 
-    def _weighted_maps(self, activations: torch.Tensor, logits: torch.Tensor,
-                       targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _weighted_maps(
+        self, activations: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
         batch, k_total = targets.shape
         per_target = activations[0].numel() * activations.element_size() * batch
         chunk = max(1, min(k_total, GRADIENT_BUDGET_BYTES // max(1, per_target)))
         detached = activations.detach()
         pieces, backwards = [], 0
         for start in range(0, k_total, chunk):
-            part = targets[:, start:start + chunk]
+            part = targets[:, start : start + chunk]
             gradients = None
             if self.needs_gradients:
                 last = start + chunk >= k_total
@@ -91,16 +102,20 @@ class CAMBase(Method):
         for i, k in zip(*torch.nonzero(targets >= 0, as_tuple=True), strict=True):
             if float(maps[i, k].max()) <= 0.0:
                 label = short_name(self.model.labels[int(targets[i, k])])
-                notes.append((int(i),
-                    f"the {self.name} map of '{label}' is empty: at layer {self.layer.key} "
-                    "the weighted channels lower its score everywhere (every region argues against it); "
-                    "counterfactual=True (--counterfactual) maps the regions that lower it"
-                ))
+                notes.append(
+                    (
+                        int(i),
+                        f"the {self.name} map of '{label}' is empty: at layer {self.layer.key} "
+                        "the weighted channels lower its score everywhere (every region argues against it); "
+                        "counterfactual=True (--counterfactual) maps the regions that lower it",
+                    )
+                )
         return notes
 
 
-def target_gradients(logits: torch.Tensor, activations: torch.Tensor, targets: torch.Tensor,
-                     *, retain_graph: bool) -> torch.Tensor:
+def target_gradients(
+    logits: torch.Tensor, activations: torch.Tensor, targets: torch.Tensor, *, retain_graph: bool
+) -> torch.Tensor:
     """d logits[b, targets[b, k]] / d activations for every (b, k): (B, K, *activations.shape[1:]).
 
     K targets cost one batched backward call (``is_grads_batched``), not K forward passes; the
@@ -110,16 +125,22 @@ def target_gradients(logits: torch.Tensor, activations: torch.Tensor, targets: t
     one_hot = torch.zeros((k, *logits.shape), dtype=logits.dtype, device=logits.device)
     valid = targets >= 0
     rows = torch.arange(batch, device=logits.device).expand(k, batch)
-    one_hot[torch.arange(k, device=logits.device)[:, None].expand(k, batch)[valid.T],
-            rows[valid.T], targets.T[valid.T]] = 1.0
+    one_hot[
+        torch.arange(k, device=logits.device)[:, None].expand(k, batch)[valid.T],
+        rows[valid.T],
+        targets.T[valid.T],
+    ] = 1.0
     if not activations.requires_grad:
-        raise MethodError("the layer's activation is not connected to the output by autograd; "
-                          "is the model's forward wrapped in torch.no_grad()?")
+        raise MethodError(
+            "the layer's activation is not connected to the output by autograd; "
+            "is the model's forward wrapped in torch.no_grad()?"
+        )
     if k == 1:
         (grads,) = torch.autograd.grad(logits, activations, grad_outputs=one_hot[0], retain_graph=retain_graph)
         return grads.unsqueeze(1)
-    (grads,) = torch.autograd.grad(logits, activations, grad_outputs=one_hot, retain_graph=retain_graph,
-                                   is_grads_batched=True)
+    (grads,) = torch.autograd.grad(
+        logits, activations, grad_outputs=one_hot, retain_graph=retain_graph, is_grads_batched=True
+    )
     return grads.transpose(0, 1)
 
 

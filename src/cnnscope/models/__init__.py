@@ -6,4 +6,13 @@ from .loaders import DEFAULT_MODEL, list_models, load_model
 from .model import Batch, Model, Prediction
 from .preprocess import Preprocess
 
-__all__ = ["DEFAULT_MODEL", "Batch", "LayerCall", "Model", "Prediction", "Preprocess", "list_models", "load_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "Batch",
+    "LayerCall",
+    "Model",
+    "Prediction",
+    "Preprocess",
+    "list_models",
+    "load_model",
+]

@@ -73,8 +73,9 @@ def trace_calls(module: nn.Module, example: torch.Tensor) -> tuple[list[LayerCal
         end_counter[0] += 1
 
     handles = []
+    scripted = isinstance(module, torch.jit.ScriptModule)
     try:
-        for name, sub in module.named_modules():
+        for name, sub in [] if scripted else module.named_modules():
             if name:
                 handles.append(sub.register_forward_pre_hook(pre_hook))
                 handles.append(sub.register_forward_hook(post_hook))
@@ -113,6 +114,12 @@ def trace_calls(module: nn.Module, example: torch.Tensor) -> tuple[list[LayerCal
     return rows, tuple(output.shape) if output is not None else ()
 
 
+SCRIPTED_LAYERS = (
+    "this is a TorchScript model, whose layers cannot be hooked; layer methods (Grad-CAM, CAM) need the "
+    "model as Python code: load its state_dict with arch=... instead"
+)
+
+
 def parse_layer_spec(spec: str) -> tuple[str, int | None]:
     """'_swish@1' -> ('_swish', 1); 'layer4' -> ('layer4', None)."""
     name, sep, call = spec.rpartition("@")
@@ -132,6 +139,8 @@ def find_layer(module: nn.Module, calls: list[LayerCall], spec: str | nn.Module 
     """
     if isinstance(spec, LayerRef):
         return spec
+    if isinstance(module, torch.jit.ScriptModule):
+        raise ModelError(SCRIPTED_LAYERS)
     if isinstance(spec, nn.Module):
         for name, sub in module.named_modules():
             if sub is spec and name:
@@ -146,9 +155,7 @@ def find_layer(module: nn.Module, calls: list[LayerCall], spec: str | nn.Module 
     named = dict(module.named_modules())
     if name not in named or not name:
         hint = did_you_mean(name, [n for n in named if n])
-        raise LayerNotFoundError(
-            f"layer {name!r} not found{hint} (cnnscope layers, or Model.layers(), lists them)"
-        )
+        raise LayerNotFoundError(f"layer {name!r} not found{hint} (cnnscope layers, or Model.layers(), lists them)")
     rows = [row for row in calls if row.name == name]
     if not rows:
         raise LayerNotFoundError(
@@ -160,8 +167,7 @@ def find_layer(module: nn.Module, calls: list[LayerCall], spec: str | nn.Module 
         chosen += total
     if not 0 <= chosen < total:
         raise LayerNotFoundError(
-            f"layer {name!r} runs {total} time(s) per forward; call @{call} is out of range "
-            f"(use @0 to @{total - 1})"
+            f"layer {name!r} runs {total} time(s) per forward; call @{call} is out of range (use @0 to @{total - 1})"
         )
     row = rows[chosen]
     return LayerRef(name=name, module=named[name], call=chosen, calls=total, output_shape=row.output_shape)

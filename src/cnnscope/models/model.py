@@ -125,7 +125,10 @@ class Model:
         """The layer table as text (Keras' ``model.summary()``), with totals."""
         total = sum(p.numel() for p in self.module.parameters())
         trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
-        default = self.default_layer().key
+        try:
+            default = self.default_layer().key
+        except ModelError as exc:
+            default = f"none ({exc})"
         return (
             f"{format_table(self.calls())}\n\n"
             f"total params: {total:,}  trainable: {trainable:,}  default target layer: {default}"
@@ -137,6 +140,8 @@ class Model:
 
     def default_layer(self) -> LayerRef:
         """The last layer with a spatial (N, C, H, W) output: the usual Grad-CAM / CAM target."""
+        if isinstance(self.module, torch.jit.ScriptModule):
+            return self.layer("")  # raises the TorchScript explanation
         return self.layer(default_layer_name(self.calls()))
 
     # -- data ------------------------------------------------------------------------------------
@@ -154,8 +159,7 @@ class Model:
             images = [images]
         if not isinstance(images, (list, tuple)):
             raise InputError(
-                f"images must be a path, an array, a PIL image, a list of them or a tensor, "
-                f"not {type(images).__name__}"
+                f"images must be a path, an array, a PIL image, a list of them or a tensor, not {type(images).__name__}"
             )
         if not images:
             raise InputError("no images given")

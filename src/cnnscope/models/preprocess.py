@@ -44,9 +44,7 @@ class Preprocess:
             if image.shape[:2] == (height, width):
                 planes[index] = image
             else:
-                planes[index] = np.asarray(
-                    Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
-                )
+                planes[index] = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
         batch = torch.from_numpy(planes).permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)

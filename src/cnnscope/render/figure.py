@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure  # a bare Figure renders with Agg; pyplot is never imported

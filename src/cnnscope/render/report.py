@@ -53,10 +53,14 @@ def render_report(rows: Sequence[ReportRow], *, title: str = "cnnscope report", 
         f"<h1>{html.escape(title)}</h1><div class='meta'>{html.escape(meta)}</div>",
     ]
     for row in rows:
-        parts.append(f"<section class='row'><figure>{_img_tag(row.image, row.name)}"
-                     f"<figcaption>{html.escape(row.name)}</figcaption></figure>")
+        parts.append(
+            f"<section class='row'><figure>{_img_tag(row.image, row.name)}"
+            f"<figcaption>{html.escape(row.name)}</figcaption></figure>"
+        )
         for caption, picture in row.overlays:
-            parts.append(f"<figure>{_img_tag(picture, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>")
+            parts.append(
+                f"<figure>{_img_tag(picture, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
         parts.append("<div class='bars'><h3>top predictions</h3>")
         for label, probability in row.top:
             width = max(0.0, min(100.0, probability * 100.0))

@@ -1,0 +1,164 @@
+"""Contract checks that any method (ours or a user's) can be put through.
+
+Each ``check_*`` raises ``AssertionError`` with a sentence saying what went wrong. They are run
+over every registered method by cnnscope's own test suite, and are public so that a user who
+registers a method can run them too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules import module as module_globals
+
+from ..explanation import Explanation
+from ..models import Model
+
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+GLOBAL_HOOK_DICTS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+@dataclass
+class Snapshot:
+    """Everything of a model that an explanation must leave as it was."""
+
+    hooks: dict[str, int]
+    training: dict[str, bool]
+    requires_grad: dict[str, bool]
+    grads: dict[str, torch.Tensor | None]
+    params: dict[str, torch.Tensor]
+    module_ids: dict[str, int]
+
+    @classmethod
+    def take(cls, module: nn.Module) -> Snapshot:
+        hooks = {}
+        for name, sub in module.named_modules():
+            for attr in HOOK_DICTS:
+                hooks[f"{name or '<root>'}.{attr}"] = len(getattr(sub, attr, {}) or {})
+        for attr in GLOBAL_HOOK_DICTS:
+            hooks[f"<global>.{attr}"] = len(getattr(module_globals, attr, {}) or {})
+        named = dict(module.named_parameters())
+        return cls(
+            hooks=hooks,
+            training={name: sub.training for name, sub in module.named_modules()},
+            requires_grad={name: p.requires_grad for name, p in named.items()},
+            grads={name: (None if p.grad is None else p.grad.detach().clone()) for name, p in named.items()},
+            params={name: p.detach().clone() for name, p in named.items()},
+            module_ids={name: id(sub) for name, sub in module.named_modules()},
+        )
+
+    def differences(self, other: Snapshot) -> list[str]:
+        problems = []
+        for field_name in ("hooks", "training", "requires_grad", "module_ids"):
+            mine, theirs = getattr(self, field_name), getattr(other, field_name)
+            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if changed:
+                problems.append(f"{field_name} changed for {', '.join(changed[:5])}")
+        for name, grad in self.grads.items():
+            after = other.grads.get(name)
+            if (grad is None) != (after is None) or (grad is not None and not torch.equal(grad, after)):
+                problems.append(f".grad of parameter {name} changed")
+                break
+        for name, value in self.params.items():
+            if not torch.equal(value, other.params[name]):
+                problems.append(f"parameter {name} changed")
+                break
+        return problems
+
+
+def check_untouched(run: Callable[[], object], model: Model, inputs: torch.Tensor | None = None) -> object:
+    """Run ``run()`` and assert the model's hooks, modes, flags, grads, parameters and the input
+    tensor (values and version counter) are exactly as before. Returns what ``run`` returned."""
+    before = Snapshot.take(model.module)
+    copy = inputs.clone() if inputs is not None else None
+    version = inputs._version if inputs is not None else None
+    result = run()
+    problems = before.differences(Snapshot.take(model.module))
+    if inputs is not None and (inputs._version != version or not torch.equal(inputs, copy)):
+        problems.append("the input tensor was modified in place")
+    assert not problems, "; ".join(problems)
+    return result
+
+
+def check_cleanup_on_error(method: Callable[[torch.Tensor], object], model: Model, inputs: torch.Tensor) -> None:
+    """Make the model's forward raise half-way and assert that nothing was left behind."""
+    before = Snapshot.take(model.module)
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(module, args, output):
+        raise Boom("injected failure")
+
+    last = [sub for name, sub in model.module.named_modules() if name][-1]
+    handle = last.register_forward_hook(explode)
+    try:
+        try:
+            method(inputs)
+        except Boom:
+            pass
+        else:
+            raise AssertionError("the injected failure inside the forward pass did not propagate")
+    finally:
+        handle.remove()
+    problems = before.differences(Snapshot.take(model.module))
+    assert not problems, "after an exception inside the forward: " + "; ".join(problems)
+
+
+def check_batched_equals_single(
+    method: Callable[[torch.Tensor], Explanation],
+    inputs: torch.Tensor,
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+) -> None:
+    """The maps of a batch equal the maps of each image explained alone."""
+    together = method(inputs)
+    for index in range(inputs.shape[0]):
+        alone = method(inputs[index : index + 1])
+        assert torch.equal(together.targets[index], alone.targets[0]), f"image {index}: targets differ in a batch"
+        scale = float(alone.raw.abs().max()) or 1.0
+        torch.testing.assert_close(
+            together.raw[index],
+            alone.raw[0],
+            rtol=rtol,
+            atol=atol * scale,
+            msg=lambda m, i=index: f"image {i}: batched map differs from the single one: {m}",
+        )
+
+
+def check_deterministic(method: Callable[[torch.Tensor], Explanation], inputs: torch.Tensor) -> None:
+    """Two runs give the same maps, bit for bit."""
+    first, second = method(inputs), method(inputs)
+    assert torch.equal(first.raw, second.raw), "two runs with the same input gave different maps"
+
+
+def check_method(method_cls, model: Model, inputs: torch.Tensor, *, target: object = "top2", **options) -> None:
+    """All of the above for one method class on one model."""
+    explainer = method_cls(model, **options)
+
+    def run(batch: torch.Tensor) -> Explanation:
+        return explainer(batch, target)
+
+    explanation = check_untouched(lambda: run(inputs), model, inputs)
+    assert isinstance(explanation, Explanation)
+    assert explanation.raw.shape[:2] == explanation.targets.shape
+    assert torch.isfinite(explanation.raw).all(), "the maps contain NaN or infinity"
+    check_cleanup_on_error(run, model, inputs)
+    check_batched_equals_single(run, inputs)
+    check_deterministic(run, inputs)
