@@ -8,12 +8,14 @@ view that renderers use; metrics should use ``raw``/``maps``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
 from .models.labels import short_name
@@ -29,7 +31,8 @@ class Explanation:
 
     Attributes:
         raw: (B, K, h, w) float maps as the method computed them (sign and scale kept).
-        maps: (B, K, H, W) ``raw`` bilinearly upsampled to the model input size.
+        maps: (B, K, H, W) ``raw`` bilinearly upsampled to the model input size (computed on first
+        use, so explaining 1,000 classes does not pay for 1,000 upsampled maps nobody looks at).
         targets: (B, K) class indices; -1 where an image has fewer targets than K.
         scores: (B, K) the targets' logits (NaN for -1).
         probabilities: (B, C) softmax (or sigmoid, multi-label) of every class.
@@ -42,13 +45,13 @@ class Explanation:
     """
 
     raw: torch.Tensor
-    maps: torch.Tensor
+    input_size: tuple[int, int]
     targets: torch.Tensor
     scores: torch.Tensor
     probabilities: torch.Tensor
     labels: tuple[str, ...]
     top: list[list[Prediction]]
-    images: list[np.ndarray]
+    images: Sequence[np.ndarray]
     names: list[str]
     method: str
     layer: str | None
@@ -58,6 +61,12 @@ class Explanation:
     notes: tuple[str, ...] = ()
 
     # -- access ----------------------------------------------------------------------------------
+    @cached_property
+    def maps(self) -> torch.Tensor:
+        if tuple(self.raw.shape[-2:]) == tuple(self.input_size):
+            return self.raw
+        return F.interpolate(self.raw, size=self.input_size, mode="bilinear", align_corners=False)
+
     def __len__(self) -> int:
         return self.raw.shape[0]
 

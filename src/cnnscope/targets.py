@@ -57,11 +57,7 @@ def resolve_targets(
                 )
             passed = torch.sigmoid(logits.detach()) >= threshold
             rows = [torch.nonzero(passed[i]).flatten().tolist() for i in range(batch)]
-            if not any(rows):
-                raise TargetError(
-                    f"no class passes the threshold {threshold} on any image; lower the threshold or use 'top1'"
-                )
-            return _pad(rows, logits.device)
+            return _pad(rows, logits.device)  # all -1 where nothing passes; the caller says so
     if _is_per_image(target):
         rows = list(target)  # type: ignore[arg-type]
         if len(rows) != batch:
@@ -71,6 +67,16 @@ def resolve_targets(
     if not row:
         raise TargetError("the target list is empty; give at least one class, or 'top1'")
     return torch.tensor([row] * batch, dtype=torch.long, device=logits.device)
+
+
+def slice_per_image(target: object, start: int, stop: int, total: int) -> object:
+    """The part of ``target`` for images start..stop of a batch of ``total`` (per-image lists are cut)."""
+    if _is_per_image(target):
+        rows = list(target)  # type: ignore[arg-type]
+        if len(rows) != total:
+            raise TargetError(f"{len(rows)} per-image target lists for {total} images; give one list per image")
+        return rows[start:stop]
+    return target
 
 
 def _as_list(value: object) -> list:

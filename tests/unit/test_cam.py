@@ -33,7 +33,8 @@ def test_gradcam_mass_lies_in_the_quadrant_the_class_reads(quadrant, quadrant_in
 def test_all_quadrants_in_one_call_run_one_forward(quadrant):
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     explanation = GradCAM(quadrant)(images, [0, 1, 2, 3])
-    assert explanation.stats["forwards"] == 1 and explanation.stats["backwards"] == 4
+    # one forward; GAP + linear head, so one backward pass verifies the closed-form gradients of all four
+    assert explanation.stats["forwards"] == 1 and explanation.stats["backwards"] == 1
     masks = quadrant_masks(32, 32)[:, 0]
     for i in range(3):
         for q in range(4):
@@ -68,7 +69,7 @@ def test_cam_refuses_a_head_that_is_not_gap_linear():
 
 
 def test_cam_refuses_a_layer_that_does_not_feed_the_head(default_model):
-    with pytest.raises(MethodError, match="reads the 320 channels|read the 320 channels"):
+    with pytest.raises(MethodError, match="takes 1280 features, not the 320 channels.*Use gradcam"):
         CAM(default_model, layer="_blocks.15")
 
 
@@ -100,14 +101,34 @@ def test_batched_gradients_equal_a_loop(default_model, default_batch):
 
 
 @pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
-def test_all_thousand_classes_in_chunks(default_model, chelsea, monkeypatch):
+def test_all_thousand_classes_closed_form_equals_chunked_autograd(default_model, chelsea, monkeypatch):
+    """On a GAP + linear tail the gradients come in closed form (verified by one backward pass); they
+    must equal autograd's, here forced in chunks of 7 targets."""
     import cnnscope.methods.cam as cam_module
 
-    full = GradCAM(default_model)(chelsea, list(range(1000)))
-    monkeypatch.setattr(cam_module, "GRADIENT_BUDGET_BYTES", 1280 * 49 * 4 * 7)  # 7 targets per chunk
+    closed = GradCAM(default_model)(chelsea, list(range(1000)))
+    assert closed.stats == {**closed.stats, "forwards": 1, "backwards": 1}
+    monkeypatch.setattr(cam_module, "ANALYTIC_MIN_TARGETS", 10**9)
+    monkeypatch.setattr(cam_module, "GRADIENT_BUDGET_BYTES", 1280 * 49 * 4 * 7)
     chunked = GradCAM(default_model)(chelsea, list(range(1000)))
-    torch.testing.assert_close(full.raw, chunked.raw)
-    assert full.raw.shape == (1, 1000, 7, 7) and full.stats["forwards"] == 1
+    assert chunked.stats["backwards"] == 1000
+    scale = float(chunked.raw.abs().max())
+    torch.testing.assert_close(closed.raw, chunked.raw, rtol=1e-4, atol=1e-6 * scale)
+    assert closed.raw.shape == (1, 1000, 7, 7)
+
+
+@pytest.mark.parametrize("layer", ["conv3", "conv2", "act3"])
+def test_tails_that_are_not_gap_linear_fall_back_to_autograd(layer):
+    """conv3 is followed by a ReLU6 (not the identity here), conv2 by a ReLU and pooling: the closed form must
+    not be used; act3 feeds GAP + linear directly, where it is."""
+    model = tiny_model()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 4
+    together = GradCAM(model, layer=layer)(images, [0, 1, 2, 3])
+    assert together.stats["backwards"] == (1 if layer == "act3" else 4)
+    for k in range(4):
+        alone = GradCAM(model, layer=layer)(images, k)
+        scale = float(alone.raw.abs().max()) or 1.0
+        torch.testing.assert_close(together.raw[:, k], alone.raw[:, 0], rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_empty_gradcam_says_so_and_counterfactual_shows_the_negative_evidence(quadrant):
@@ -178,3 +199,32 @@ def test_layers_earlier_in_the_network(default_model, chelsea):
     explanation = GradCAM(default_model, layer="_blocks.10")(chelsea, 285)
     assert explanation.raw.shape[-1] == 14 and explanation.layer == "_blocks.10"
     assert explanation.maps.shape[-2:] == (224, 224)
+
+
+def test_images_per_pass_splits_the_batch_exactly(default_model):
+    from cnnscope.methods.base import auto_images_per_pass
+    from cnnscope.samples import SAMPLES, sample_image
+
+    images = [sample_image(name) for name in SAMPLES]
+    targets = [[285], ["espresso", "cup"], [1, 2, 3], []]
+    whole = GradCAM(default_model)(images, targets, images_per_pass=4)
+    split = GradCAM(default_model)(images, targets, images_per_pass=1)
+    assert whole.stats["forwards"] == 1 and split.stats["forwards"] == 4
+    assert whole.targets.tolist() == split.targets.tolist() == [[285, -1, -1], [967, 968, -1], [1, 2, 3], [-1] * 3]
+    torch.testing.assert_close(whole.raw, split.raw, rtol=1e-4, atol=1e-6)
+    # every layer output of a pass stays under 24 MiB: the 96x112x112 expansion is 4.8 MB per image
+    assert auto_images_per_pass(default_model) == 5
+
+
+def test_multilabel_positive_targets():
+    model = quadrant_model()
+    multilabel = cnnscope.load_model(model, multilabel=True)
+    images = torch.zeros(2, 3, 32, 32)
+    images[0, :, :16, :16] = 1.0  # top-left
+    images[0, :, 16:, 16:] = 1.0  # and bottom-right
+    images[1, :, :16, 16:] = 1.0  # top-right only
+    explanation = GradCAM(multilabel)(images, "positive", threshold=0.6)
+    assert explanation.targets.tolist() == [[0, 3], [1, -1]]
+    assert float(explanation.probabilities[0, 0]) == pytest.approx(torch.sigmoid(explanation.scores[0, 0]).item())
+    with pytest.raises(cnnscope.TargetError, match="no class passes the threshold 0.99"):
+        GradCAM(multilabel)(torch.zeros(1, 3, 32, 32), "positive", threshold=0.99)

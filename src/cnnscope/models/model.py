@@ -42,8 +42,30 @@ class Batch:
     """A preprocessed batch and the original RGB images it came from (for overlays)."""
 
     tensor: torch.Tensor
-    originals: list[np.ndarray]
+    originals: Sequence[np.ndarray]
     names: list[str]
+
+
+class UnnormalizedImages(Sequence):
+    """The images of a preprocessed tensor as RGB uint8, computed on first access (only overlays
+    need them, so a method call on a tensor does not pay for the conversion)."""
+
+    def __init__(self, tensor: torch.Tensor, preprocess: Preprocess) -> None:
+        self._tensor = tensor
+        self._preprocess = preprocess
+        self._images: list[np.ndarray] | None = None
+
+    def _all(self) -> list[np.ndarray]:
+        if self._images is None:
+            pixels = self._preprocess.unnormalize(self._tensor.float()).mul(255).round().byte()
+            self._images = list(pixels.permute(0, 2, 3, 1).cpu().numpy())
+        return self._images
+
+    def __len__(self) -> int:
+        return int(self._tensor.shape[0])
+
+    def __getitem__(self, index):
+        return self._all()[index]
 
 
 class Model:
@@ -183,10 +205,8 @@ class Model:
         if not torch.isfinite(tensor).all():
             raise InputError("the input tensor contains NaN or infinite values")
         batch = tensor.detach().to(self.device)
-        pixels = self.preprocess.unnormalize(batch.float()).mul(255).round().byte()
-        originals = list(pixels.permute(0, 2, 3, 1).cpu().numpy())
         names = [f"image{i}" for i in range(batch.shape[0])]
-        return Batch(tensor=batch, originals=originals, names=names)
+        return Batch(tensor=batch, originals=UnnormalizedImages(batch, self.preprocess), names=names)
 
     # -- outputs ---------------------------------------------------------------------------------
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
