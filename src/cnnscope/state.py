@@ -19,6 +19,21 @@ from torch import nn
 from .errors import CnnscopeWarning
 
 
+def submodules(root: nn.Module) -> list[nn.Module]:
+    """Every module of the tree once, root first: ``list(root.modules())`` without building the
+    dotted names, about 4x faster (it runs on every call of every method)."""
+    found = [root]
+    seen = {id(root)}
+    index = 0
+    while index < len(found):
+        for child in found[index]._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+        index += 1
+    return found
+
+
 @dataclass
 class ModelState:
     """A snapshot of the mutable state of a module tree that cnnscope promises not to change."""
@@ -29,13 +44,14 @@ class ModelState:
 
     @classmethod
     def of(cls, module: nn.Module) -> ModelState:
-        modules = list(module.modules())
+        modules = submodules(module)
         # _parameters directly: ~10x faster than module.parameters() on a 200-module model
         params = list({id(p): p for m in modules for p in m._parameters.values() if p is not None}.values())
+        flags = [(p, p.requires_grad, p.grad) for p in params]  # one pass: Parameter attributes are slow
         return cls(
             training=[(m, m.training) for m in modules],
-            requires_grad=[(p, p.requires_grad) for p in params],
-            grads=[(p, p.grad) for p in params],
+            requires_grad=[(p, flag) for p, flag, _ in flags],
+            grads=[(p, grad) for p, _, grad in flags],
         )
 
     def restore(self) -> None:

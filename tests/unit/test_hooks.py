@@ -56,3 +56,12 @@ def test_paused_capture_records_nothing(default_model, default_batch):
         with record.paused():
             default_model.module.eval()(default_batch[:1])
         assert record.activations == {} and record.forwards == 0
+
+
+def test_submodules_matches_modules(default_model):
+    from cnnscope.state import submodules
+    from cnnscope.testing import TinyCNN
+
+    for module in (default_model.module, TinyCNN()):
+        assert {id(m) for m in submodules(module)} == {id(m) for m in module.modules()}
+        assert len(submodules(module)) == len(list(module.modules()))

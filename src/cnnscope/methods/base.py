@@ -8,7 +8,6 @@ even after an exception) and packs the result into an :class:`~cnnscope.explanat
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -86,7 +85,7 @@ def auto_images_per_pass(model: Model, budget_bytes: int = 24 * 2**20) -> int:
     of 32 took 893 ms in one pass and 456 ms in passes of 16 (bench/gradcam.py)."""
     if isinstance(model.module, torch.jit.ScriptModule):
         return 16
-    largest = max((math.prod(row.output_shape[1:]) for row in model.calls() if row.output_shape), default=1)
+    largest = model.largest_layer_output()
     return max(1, budget_bytes // (4 * largest))
 
 
