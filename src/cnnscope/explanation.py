@@ -42,6 +42,8 @@ class Explanation:
         method, layer, options: what produced the maps. signed: whether negative values mean
         something (drawn with a diverging colormap). stats: forward/backward counts and seconds.
         notes: warnings about the result (also issued as ``CnnscopeWarning``).
+        channels: for pixel methods, the (B, K, 3, H, W) attributions before the colour channels were
+        reduced to one map (None for layer methods).
     """
 
     raw: torch.Tensor
@@ -59,6 +61,7 @@ class Explanation:
     signed: bool = False
     stats: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    channels: torch.Tensor | None = None
 
     # -- access ----------------------------------------------------------------------------------
     @cached_property

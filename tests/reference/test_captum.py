@@ -57,3 +57,101 @@ def test_the_shared_module_trap_we_avoid(default_model, default_batch):
     assert ours.layer == "_swish@1" and ours.raw.shape[-2:] == (7, 7)
     first_call = GradCAM(default_model, layer="_swish@0")(default_batch, [[285], [967]])
     assert first_call.raw.shape[-2:] == (112, 112)
+
+
+def _inplace_relu_model():
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+    from cnnscope.models import Model, Preprocess
+
+    return Model(net, preprocess=Preprocess((16, 16)))
+
+
+GRADIENT_PAIRS = [
+    ("saliency", "Saliency", {"abs": False}),
+    ("gradxinput", "InputXGradient", {}),
+    ("guided-backprop", "GuidedBackprop", {}),
+    ("deconvnet", "Deconvolution", {}),
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("ours", "theirs", "kwargs"), GRADIENT_PAIRS)
+def test_pixel_methods_match_captum_on_a_model_with_inplace_relus(ours, theirs, kwargs):
+    import cnnscope
+
+    model = _inplace_relu_model()
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    mine = cnnscope.get_method(ours)(model)(images, 2).channels[:, 0]
+    captum = getattr(captum_attr, theirs)(model.module).attribute(images.clone(), target=2, **kwargs).detach()
+    torch.testing.assert_close(mine, captum, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("ours", "theirs", "kwargs"), GRADIENT_PAIRS[:2])
+def test_pixel_methods_match_captum_on_the_default_model(default_model, default_batch, ours, theirs, kwargs):
+    import cnnscope
+
+    mine = cnnscope.get_method(ours)(default_model)(default_batch, [[285], [967]]).channels[:, 0]
+    captum = getattr(captum_attr, theirs)(default_model.module).attribute(
+        default_batch.clone(), target=[285, 967], **kwargs
+    )
+    for i in range(2):
+        assert pearson(mine[i], captum[i].detach()) >= 0.999
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_guided_backprop_trap_on_the_default_model(default_model, default_batch):
+    """Captum's GuidedBackprop only hooks nn.ReLU; the default model uses ReLU6, so Captum returns the
+    plain gradient. Ours modifies the ReLU6 calls and differs from the plain gradient."""
+    import cnnscope
+
+    plain = cnnscope.get_method("saliency")(default_model)(default_batch, 285).channels[:, 0]
+    captum = captum_attr.GuidedBackprop(default_model.module).attribute(default_batch.clone(), target=285).detach()
+    guided = cnnscope.get_method("guided-backprop")(default_model)(default_batch, 285).channels[:, 0]
+    assert pearson(captum[0], plain[0]) > 0.9999  # the trap: nothing was guided
+    assert pearson(guided[0], plain[0]) < 0.9  # ours was
+    assert float((guided * plain < 0).float().mean()) < float((plain < 0).float().mean())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_guided_gradcam_matches_captum():
+    import cnnscope
+
+    model = _inplace_relu_model()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    layer = model.module[2]
+    mine = cnnscope.get_method("guided-gradcam")(model, layer="2", upsample="nearest")(images, 1).channels[:, 0]
+    captum = captum_attr.GuidedGradCam(model.module, layer).attribute(images.clone(), target=1).detach()
+    torch.testing.assert_close(mine, captum, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_integrated_gradients_matches_captum(default_model, default_batch):
+    import cnnscope
+
+    explanation = cnnscope.get_method("integrated-gradients")(default_model, steps=16)(default_batch[:1], 285)
+    baseline = (
+        (torch.zeros(1, 3, 1, 1) - torch.tensor(default_model.preprocess.mean).view(1, 3, 1, 1))
+        / torch.tensor(default_model.preprocess.std).view(1, 3, 1, 1)
+    ).expand_as(default_batch[:1])
+    captum, delta = captum_attr.IntegratedGradients(default_model.module).attribute(
+        default_batch[:1].clone(),
+        baselines=baseline.contiguous(),
+        target=285,
+        n_steps=16,
+        method="gausslegendre",
+        return_convergence_delta=True,
+    )
+    assert pearson(explanation.channels[0, 0], captum[0].detach()) >= 0.999
+    assert explanation.stats["completeness_gap"][0][0] == pytest.approx(float(delta[0]), abs=1e-2)

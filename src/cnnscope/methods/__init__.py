@@ -2,9 +2,46 @@
 
 from .._registry import METHODS
 from .base import Computed, Method, register_method
-from .cam import CAM, CAMBase, GradCAM
+from .cam import (
+    CAM,
+    AblationCAM,
+    CAMBase,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    GuidedGradCAM,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
+from .gradient import Deconvnet, GradientXInput, GuidedBackprop, IntegratedGradients, Saliency
+from .smoothing import SmoothGrad
 
-__all__ = ["CAM", "CAMBase", "Computed", "GradCAM", "Method", "get_method", "list_methods", "register_method"]
+__all__ = [
+    "CAM",
+    "AblationCAM",
+    "CAMBase",
+    "Computed",
+    "Deconvnet",
+    "EigenCAM",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "GradientXInput",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "HiResCAM",
+    "IntegratedGradients",
+    "LayerCAM",
+    "Method",
+    "Saliency",
+    "ScoreCAM",
+    "SmoothGrad",
+    "XGradCAM",
+    "get_method",
+    "list_methods",
+    "register_method",
+]
 
 
 def list_methods() -> list[str]:

@@ -50,6 +50,8 @@ class Computed:
     forwards: int = 1
     backwards: int = 0
     notes: list[tuple[int, str]] = field(default_factory=list)  # (image index, message)
+    channels: torch.Tensor | None = None  # (B, K, C, H, W) pixel attributions before reducing colour channels
+    extra: dict = field(default_factory=dict)  # per-image lists of method-specific figures
 
     @classmethod
     def merge(cls, parts: list[Computed]) -> Computed:
@@ -74,6 +76,8 @@ class Computed:
             forwards=sum(part.forwards for part in parts),
             backwards=sum(part.backwards for part in parts),
             notes=[note for part in parts for note in part.notes],
+            channels=None if parts[0].channels is None else torch.cat([pad(part.channels, 0.0) for part in parts]),
+            extra={key: [v for part in parts for v in part.extra[key]] for key in parts[0].extra},
         )
 
 
@@ -105,6 +109,8 @@ class Method:
     uses_layer: ClassVar[bool] = False
     #: Whether negative values in the maps carry meaning.
     signed: ClassVar[bool] = False
+    #: False for class-agnostic methods (every target gets the same map).
+    class_specific: ClassVar[bool] = True
     #: One line for listings.
     summary: ClassVar[str] = ""
 
@@ -202,7 +208,13 @@ class Method:
             layer=self.layer.key if self.layer else None,
             options=dict(self.config),
             signed=self.is_signed(),
-            stats={"forwards": computed.forwards, "backwards": computed.backwards, "seconds": seconds},
+            stats={
+                "forwards": computed.forwards,
+                "backwards": computed.backwards,
+                "seconds": seconds,
+                **computed.extra,
+            },
+            channels=None if computed.channels is None else computed.channels.detach().float().cpu(),
             notes=tuple(notes),
         )
 
@@ -222,7 +234,7 @@ class Method:
         """The multi-label trap: maps of different classes that are nearly the same picture."""
         notes: list[tuple[int, str]] = []
         labels = self.model.labels
-        if raw.shape[1] < 2:
+        if raw.shape[1] < 2 or not self.class_specific:
             return notes
         for i in range(raw.shape[0]):
             slots = torch.nonzero(targets[i] != NO_TARGET).flatten()

@@ -13,13 +13,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MethodError
 from ..hooks import capture
 from ..models.labels import short_name
 from ..targets import NO_TARGET
-from .base import MAX_NOTES, Computed, Method, register_method
+from .base import MAX_NOTES, Computed, Method, auto_images_per_pass, register_method
 
 #: Memory for one chunk of per-target gradients; more targets than fit are done in several chunks.
 #: 32 MiB measured fastest on the default model (all 1,000 classes: 1000 > 128 > 32 > 8 per chunk).
@@ -57,13 +58,13 @@ class CAMBase(Method):
             activations = record[layer.key]
         targets = resolve(logits)
         self.check_head(activations, logits)
-        maps, backwards = self._weighted_maps(activations, logits, targets)
+        maps, backwards, extra_forwards = self._weighted_maps(activations, logits, targets, batch)
         notes = self._empty_map_notes(maps, targets)
         return Computed(
             raw=maps,
             logits=logits.detach(),
             targets=targets,
-            forwards=record.forwards,
+            forwards=record.forwards + extra_forwards,
             backwards=backwards,
             notes=notes,
         )
@@ -72,8 +73,9 @@ class CAMBase(Method):
         """A hook for methods that only apply to some heads (CAM)."""
 
     def _weighted_maps(
-        self, activations: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, int]:
+        self, activations: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, batch: torch.Tensor
+    ) -> tuple[torch.Tensor, int, int]:
+        """(maps (B, K, h, w), backward passes, extra forward passes)."""
         batch, k_total = targets.shape
         per_target = activations[0].numel() * activations.element_size() * batch
         chunk = max(1, min(k_total, GRADIENT_BUDGET_BYTES // max(1, per_target)))
@@ -105,7 +107,7 @@ class CAMBase(Method):
             if self.config.get("relu", True):
                 maps = torch.relu(maps)
             pieces.append(torch.where((part >= 0)[:, :, None, None], maps, torch.zeros_like(maps)))
-        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), backwards
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), backwards, 0
 
     def _empty_map_notes(self, maps: torch.Tensor, targets: torch.Tensor) -> list[tuple[int, str]]:
         if not (self.needs_gradients and self.config.get("relu", True)) or self.config.get("counterfactual"):
@@ -282,3 +284,273 @@ class CAM(CAMBase):
         safe = targets.clamp_min(0)
         picked = weight[safe]  # (B, k, C)
         return torch.where((targets != NO_TARGET)[:, :, None], picked, torch.zeros_like(picked))
+
+
+def _constant_field(gradients: torch.Tensor) -> bool:
+    """Closed-form gradients are expanded views, constant over space (stride 0)."""
+    return gradients.stride(-1) == 0 and gradients.stride(-2) == 0
+
+
+@register_method("gradcam++")
+class GradCAMPlusPlus(CAMBase):
+    """Grad-CAM++ (Chattopadhay et al. 2018), with the paper's closed form for the pixel weights
+    (exponential score, so higher derivatives are powers of the first):
+
+        a[c, i, j] = g^2 / (2 g^2 + sum_{a,b} A[c, a, b] * g^3),   weight[c] = sum_{i,j} a[c, i, j] * ReLU(g)
+
+    where g = d y / d A[c, i, j] (0 where g = 0). Same formula as pytorch-grad-cam's ``GradCAMPlusPlus``."""
+
+    summary = "Grad-CAM++: pixel-weighted positive gradients (Chattopadhay et al. 2018)"
+
+    def channel_weights(self, activations, gradients, targets):
+        area = 1
+        if _constant_field(gradients):
+            area = gradients.shape[-1] * gradients.shape[-2]
+            gradients = gradients[..., :1, :1]
+        squared = gradients.pow(2)
+        totals = activations.sum(dim=(-2, -1), keepdim=True).unsqueeze(1)  # (B, 1, C, 1, 1)
+        denominator = 2 * squared + totals * squared * gradients
+        alpha = torch.where(gradients != 0, squared / torch.where(denominator != 0, denominator, 1.0), 0.0)
+        return (alpha * torch.relu(gradients)).sum(dim=(-2, -1)) * area
+
+
+@register_method("xgradcam")
+class XGradCAM(CAMBase):
+    """XGrad-CAM (Fu et al. 2020): weight[c] = sum_{i,j} (A[c, i, j] / sum_{a,b} A[c, a, b]) * g[c, i, j]."""
+
+    summary = "axiom-based Grad-CAM: activation-weighted gradients (Fu et al. 2020)"
+
+    def channel_weights(self, activations, gradients, targets):
+        totals = activations.sum(dim=(-2, -1), keepdim=True)
+        share = (activations / torch.where(totals != 0, totals, 1.0)).unsqueeze(1)
+        return (share * gradients).sum(dim=(-2, -1))
+
+
+@register_method("hirescam")
+class HiResCAM(CAMBase):
+    """HiResCAM (Draelos & Carin 2020): map = ReLU(sum_c g[c] * A[c]) element-wise, without averaging
+    the gradients over space, so the map shows exactly where the score's gradient meets activation.
+    On a GAP + linear head it equals Grad-CAM."""
+
+    summary = "element-wise gradient x activation at a layer (Draelos & Carin 2020)"
+
+    def channel_weights(self, activations, gradients, targets):
+        return gradients
+
+
+@register_method("layercam")
+class LayerCAM(CAMBase):
+    """Layer-CAM (Jiang et al. 2021): map = ReLU(sum_c ReLU(g[c]) * A[c]) element-wise; works at earlier
+    layers, where positive gradients are local."""
+
+    summary = "element-wise positive gradient x activation (Jiang et al. 2021)"
+
+    def channel_weights(self, activations, gradients, targets):
+        return torch.relu(gradients)
+
+
+@register_method("eigencam")
+class EigenCAM(CAMBase):
+    """Eigen-CAM (Muhammad & Yeasin 2020): the projection of the layer's activations on their first
+    principal component. The (h*w, C) activation matrix is centred per channel, and the map is its
+    product with the first right singular vector. Class-agnostic: every target of an image gets the
+    same map. The singular vector's sign is arbitrary; it is chosen so that the map correlates
+    positively with the summed activations (pytorch-grad-cam leaves it to chance)."""
+
+    summary = "first principal component of a layer's activations, class-agnostic (Muhammad & Yeasin 2020)"
+    needs_gradients = False
+    class_specific = False
+    options: ClassVar[dict[str, object]] = {"relu": True}
+
+    def _weighted_maps(self, activations, logits, targets, images):
+        batch, _, height, width = activations.shape
+        matrix = activations.detach().flatten(2).transpose(1, 2).double()  # (B, hw, C)
+        centred = matrix - matrix.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        projection = centred @ vh[:, 0, :].unsqueeze(-1)  # (B, hw, 1)
+        total = matrix.sum(dim=2, keepdim=True)
+        sign = torch.sign(((projection - projection.mean(1, True)) * (total - total.mean(1, True))).sum(1, True))
+        maps = (projection * torch.where(sign == 0, 1.0, sign)).view(batch, 1, height, width).float()
+        if self.config.get("relu", True):
+            maps = torch.relu(maps)
+        maps = maps.expand(batch, targets.shape[1], height, width)
+        return torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps)), 0, 0
+
+
+def _normalized_masks(activations: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Each channel upsampled to the input (bilinear, corners aligned, as pytorch-grad-cam) and scaled
+    to [0, 1]; constant channels give all-zero masks."""
+    upsampled = F.interpolate(activations, size=size, mode="bilinear", align_corners=True)
+    low = upsampled.flatten(2).amin(dim=2)[..., None, None]
+    high = upsampled.flatten(2).amax(dim=2)[..., None, None]
+    return (upsampled - low) / (high - low + 1e-8)
+
+
+@register_method("scorecam")
+class ScoreCAM(CAMBase):
+    """Score-CAM (Wang et al. 2020), as pytorch-grad-cam computes it: each channel, upsampled and
+    scaled to [0, 1], masks the input; the target's logit on each masked input, softmaxed over the
+    channels, weighs the channels: map = ReLU(sum_c softmax_c(y(x * M_c)) A[c]).
+
+    No gradients. The masked images run under ``inference_mode`` in passes of several images; channels
+    that are constant over space all give the same all-zero mask, so their one shared score is computed
+    once (on the default model that skips 20-60% of the 1,280 forwards, with the same output).
+    """
+
+    summary = "channels as input masks, weighted by the masked score (Wang et al. 2020)"
+    needs_gradients = False
+    options: ClassVar[dict[str, object]] = {"relu": True, "masks_per_pass": None}
+
+    def _weighted_maps(self, activations, logits, targets, images):
+        module = self.model.module
+        batch, channels = activations.shape[:2]
+        per_pass = int(self.config["masks_per_pass"] or auto_images_per_pass(self.model))
+        detached = activations.detach()
+        forwards = 0
+        weights = torch.zeros((batch, targets.shape[1], channels), dtype=torch.float32, device=activations.device)
+        image = images
+        with torch.inference_mode():
+            for b in range(batch):
+                masks = _normalized_masks(detached[b : b + 1].transpose(0, 1), tuple(image.shape[-2:]))  # (C, 1, H, W)
+                varying = (detached[b].flatten(1).amax(1) != detached[b].flatten(1).amin(1)).nonzero().flatten()
+                constant = (detached[b].flatten(1).amax(1) == detached[b].flatten(1).amin(1)).nonzero().flatten()
+                scores = torch.empty((channels, targets.shape[1]), dtype=torch.float32, device=activations.device)
+                order = varying.tolist() + ([int(constant[0])] if len(constant) else [])
+                safe = targets[b].clamp_min(0)
+                for start in range(0, len(order), per_pass):
+                    chosen = torch.tensor(order[start : start + per_pass], device=activations.device)
+                    out = module(image[b : b + 1] * masks[chosen])
+                    forwards += 1
+                    scores[chosen] = out[:, safe].float()
+                if len(constant):
+                    scores[constant] = scores[int(constant[0])].clone()
+                weights[b] = torch.softmax(scores, dim=0).T
+        maps = torch.einsum("bkc,bchw->bkhw", weights, detached)
+        if self.config.get("relu", True):
+            maps = torch.relu(maps)
+        return torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps)), 0, forwards
+
+
+@register_method("ablationcam")
+class AblationCAM(CAMBase):
+    """Ablation-CAM (Desai & Ramaswamy 2020): weight[c] = (y - y_c) / y, where y_c is the score with
+    channel c of the layer set to zero; map = ReLU(sum_c weight[c] A[c]).
+
+    The layer's output is replaced through a forward hook (the user's layer is never swapped). When
+    the network after the layer is global average pooling + linear (checked on the input), the ablated
+    scores are exact in closed form, y_c = y - W[c] mean(A[c]); otherwise the network runs once per
+    image with the layer's output replaced by a batch of ablated copies, so the part before the layer
+    runs once (falling back to whole passes for models whose forward cannot take that). Channels that
+    are zero everywhere are not ablated: their weight is 0.
+    """
+
+    summary = "channel weights from the score drop when each channel is zeroed (Desai & Ramaswamy 2020)"
+    needs_gradients = False
+    options: ClassVar[dict[str, object]] = {"relu": True, "ablations_per_pass": 256}
+
+    def _weighted_maps(self, activations, logits, targets, images):
+        detached = activations.detach()
+        safe = targets.clamp_min(0)
+        original = logits.detach().gather(1, safe)  # (B, K)
+        head, _ = find_linear_head(self.model, self.layer)
+        forwards = 0
+        if head is not None and is_gap_linear(head, detached, logits)[0]:
+            drop = head.weight.detach()[safe] * detached.mean(dim=(2, 3)).unsqueeze(1)  # (B, K, C): y - y_c
+        else:
+            drop, forwards = self._ablated_drops(detached, original, safe, images)
+        denominator = torch.where(original.abs() > 1e-12, original, torch.full_like(original, 1e-12))
+        weights = drop / denominator.unsqueeze(-1)
+        maps = torch.einsum("bkc,bchw->bkhw", weights.float(), detached)
+        if self.config.get("relu", True):
+            maps = torch.relu(maps)
+        return torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps)), 0, forwards
+
+    def _ablated_drops(self, detached, original, safe, images):
+        per_pass = int(self.config["ablations_per_pass"])
+        batch, channels = detached.shape[:2]
+        drops = torch.zeros((batch, safe.shape[1], channels), device=detached.device)
+        forwards = 0
+        for b in range(batch):
+            active = (detached[b].flatten(1).abs().amax(1) > 0).nonzero().flatten()
+            for start in range(0, len(active), per_pass):
+                chosen = active[start : start + per_pass]
+                ablated = detached[b : b + 1].repeat(len(chosen), 1, 1, 1)
+                ablated[torch.arange(len(chosen)), chosen] = 0
+                out, passes = self._run_with_layer_output(images[b : b + 1], ablated)
+                forwards += passes
+                drops[b, :, chosen] = original[b].unsqueeze(1) - out[:, safe[b]].T.float()
+        return drops, forwards
+
+    def _run_with_layer_output(self, image: torch.Tensor, replacement: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Scores with the layer's output replaced by ``replacement`` (n rows): first with the part
+        before the layer run once on the one image, else on n copies of it."""
+        layer, count = self.layer, replacement.shape[0]
+        calls = [0]
+
+        def replace(module, args, output):
+            index = calls[0]
+            calls[0] += 1
+            return replacement if index == layer.call else None
+
+        for passes, inputs in enumerate((image, image.expand(count, -1, -1, -1)), start=1):
+            calls[0] = 0
+            handle = layer.module.register_forward_hook(replace)
+            try:
+                with torch.inference_mode():
+                    out = self.model.module(inputs)
+                if out.shape[0] == count:
+                    return out, passes
+            except RuntimeError:
+                pass
+            finally:
+                handle.remove()
+        raise MethodError(f"ablationcam cannot replace the output of layer {layer.key!r} in this model's forward")
+
+
+@register_method("guided-gradcam")
+class GuidedGradCAM(Method):
+    """Guided Grad-CAM (Selvaraju et al. 2017): guided backpropagation times the Grad-CAM map upsampled
+    to the input, per colour channel, then reduced over channels like the gradient methods (``reduce``).
+
+    Two forward passes: Grad-CAM needs the plain gradient at the layer, guided backpropagation the
+    modified one. Captum's ``GuidedGradCam`` is the same product (with its default nearest-neighbour
+    upsampling; ``upsample="nearest"`` reproduces it); Captum's guided part only modifies ``nn.ReLU``."""
+
+    summary = "guided backpropagation x Grad-CAM (Selvaraju et al. 2017)"
+    uses_layer: ClassVar[bool] = True
+    options: ClassVar[dict[str, object]] = {"reduce": "max-abs", "upsample": "bilinear"}
+
+    def __init__(self, model="efficientnet_lite0", *, layer=None, **options) -> None:
+        super().__init__(model, layer=layer, **options)
+        from .gradient import REDUCTIONS, GuidedBackprop
+
+        if self.config["reduce"] not in REDUCTIONS:
+            raise MethodError(f"unknown reduce {self.config['reduce']!r}; choose one of {', '.join(REDUCTIONS)}")
+        if self.config["upsample"] not in ("bilinear", "nearest"):
+            raise MethodError("upsample must be 'bilinear' or 'nearest'")
+        self.gradcam = GradCAM(self.model, layer=self.layer)
+        self.guided = GuidedBackprop(self.model, reduce=self.config["reduce"])
+
+    def is_signed(self) -> bool:
+        return self.config["reduce"] == "sum"
+
+    def compute(self, batch, resolve):
+        from .gradient import reduce_channels
+
+        cam = self.gradcam.compute(batch, resolve)
+        guided = self.guided.attributions(batch, lambda _logits: cam.targets)
+        mode = self.config["upsample"]
+        size = tuple(batch.shape[-2:])
+        upsampled = F.interpolate(
+            cam.raw, size=size, mode=mode, **({"align_corners": False} if mode == "bilinear" else {})
+        )
+        channels = guided.channels * upsampled.unsqueeze(2)
+        return Computed(
+            raw=reduce_channels(channels, self.config["reduce"]),
+            logits=cam.logits,
+            targets=cam.targets,
+            forwards=cam.forwards + guided.forwards,
+            backwards=cam.backwards + guided.backwards,
+            notes=cam.notes,
+            channels=channels,
+        )

@@ -1,0 +1,251 @@
+"""Gradient methods: maps from the gradient of a class score with respect to the input pixels.
+
+All of them run one forward pass for the batch and one backward pass per target, via
+``torch.autograd.grad`` on a copy of the input (the caller's tensor and the parameters' ``.grad``
+are untouched). They return per-channel attributions (``Explanation.channels``) and a map reduced
+over the colour channels by ``reduce``:
+
+- ``"max-abs"``: max_c |a_c| (Simonyan et al. 2013), unsigned;
+- ``"abs-sum"``: sum_c |a_c|, unsigned;
+- ``"l2"``: sqrt(sum_c a_c^2), unsigned;
+- ``"sum"``: sum_c a_c, signed (the natural choice for gradient x input and Integrated Gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import MethodError
+from .base import Computed, Method, auto_images_per_pass, register_method
+from .modifiers import modified_backprop
+
+REDUCTIONS = {
+    "max-abs": lambda a: a.abs().amax(dim=-3),
+    "abs-sum": lambda a: a.abs().sum(dim=-3),
+    "l2": lambda a: a.pow(2).sum(dim=-3).sqrt(),
+    "sum": lambda a: a.sum(dim=-3),
+}
+
+
+def reduce_channels(attributions: torch.Tensor, how: str) -> torch.Tensor:
+    try:
+        return REDUCTIONS[how](attributions)
+    except KeyError:
+        raise MethodError(f"unknown reduce {how!r}; choose one of {', '.join(REDUCTIONS)}") from None
+
+
+def picked_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum over the batch of each image's k-th target logit (0 where there is none): its gradient
+    gives every image's own gradient at once, images being independent in eval mode."""
+    column = targets[:, k : k + 1]
+    return (logits.gather(1, column.clamp_min(0)) * (column >= 0).to(logits.dtype)).sum()
+
+
+def input_gradients(module, batch: torch.Tensor, targets_of, *, modifier: str | None = None):
+    """(gradients (B, K, C, H, W), logits, targets, backward passes) for one forward pass."""
+    inputs = batch.detach().clone().requires_grad_(True)
+    context = modified_backprop(module, modifier) if modifier else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.enable_grad():
+        with context:
+            logits = module(inputs)
+        targets = targets_of(logits)
+        k_total = targets.shape[1]
+        grads = []
+        for k in range(k_total):
+            (grad,) = torch.autograd.grad(picked_scores(logits, targets, k), inputs, retain_graph=k < k_total - 1)
+            grads.append(grad)
+    return torch.stack(grads, dim=1), logits.detach(), targets, k_total
+
+
+class GradientMethod(Method):
+    """Base of the pixel-gradient methods: ``attributions`` then a channel reduction."""
+
+    options: ClassVar[dict[str, object]] = {"reduce": "max-abs"}
+    modifier: ClassVar[str | None] = None
+
+    def __init__(self, model="efficientnet_lite0", *, layer=None, **options) -> None:
+        super().__init__(model, layer=layer, **options)
+        if self.config["reduce"] not in REDUCTIONS:
+            raise MethodError(f"unknown reduce {self.config['reduce']!r}; choose one of {', '.join(REDUCTIONS)}")
+
+    def is_signed(self) -> bool:
+        return self.config["reduce"] == "sum"
+
+    def attributions(self, batch: torch.Tensor, resolve) -> Computed:
+        """A ``Computed`` whose ``channels`` hold the per-channel attributions (``raw`` is filled in by
+        :meth:`compute`)."""
+        grads, logits, targets, backwards = input_gradients(self.model.module, batch, resolve, modifier=self.modifier)
+        return Computed(raw=grads, logits=logits, targets=targets, forwards=1, backwards=backwards, channels=grads)
+
+    def compute(self, batch: torch.Tensor, resolve) -> Computed:
+        computed = self.attributions(batch, resolve)
+        computed.raw = reduce_channels(computed.channels, self.config["reduce"])
+        return computed
+
+
+@register_method("saliency")
+class Saliency(GradientMethod):
+    """Vanilla saliency (Simonyan et al. 2013): the gradient of the class logit w.r.t. the input,
+    d y_c / d x, reduced over colour channels by max |.| (the paper's choice; ``reduce`` changes it).
+    Captum's ``Saliency(abs=False)`` gives the same per-channel gradients."""
+
+    summary = "gradient of the class score w.r.t. the pixels (Simonyan et al. 2013)"
+
+
+@register_method("gradxinput")
+class GradientXInput(GradientMethod):
+    """Gradient x input (Shrikumar et al. 2016): x * d y_c / d x on the preprocessed input, summed over
+    colour channels (signed). Same per-channel values as Captum's ``InputXGradient``."""
+
+    summary = "gradient times input, signed"
+    options: ClassVar[dict[str, object]] = {"reduce": "sum"}
+
+    def attributions(self, batch, resolve):
+        computed = super().attributions(batch, resolve)
+        computed.channels = computed.channels * batch.detach().unsqueeze(1)
+        return computed
+
+
+@register_method("guided-backprop")
+class GuidedBackprop(GradientMethod):
+    """Guided backpropagation (Springenberg et al. 2015): the input gradient with every activation
+    passing back only positive gradients where it was active (see :mod:`.modifiers`). Unlike Captum's
+    ``GuidedBackprop``, which only modifies ``nn.ReLU`` modules, this covers ReLU6, functional relu
+    calls and smooth activations too; on a model of ``nn.ReLU`` modules the two agree exactly."""
+
+    summary = "guided backpropagation (Springenberg et al. 2015)"
+    modifier = "guided"
+
+
+@register_method("deconvnet")
+class Deconvnet(GradientMethod):
+    """Deconvnet (Zeiler & Fergus 2014): the input gradient with every activation passing back
+    max(0, gradient) whatever its input (the "rectified" modifier). Agrees with Captum's
+    ``Deconvolution`` on models of ``nn.ReLU`` modules."""
+
+    summary = "deconvnet / rectified backprop (Zeiler & Fergus 2014)"
+    modifier = "rectified"
+
+
+def _interpolation_nodes(steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points alpha in [0, 1] and weights for integrating over the straight path."""
+    if steps < 1:
+        raise MethodError(f"steps must be at least 1, got {steps}")
+    if rule == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return torch.tensor((nodes + 1) / 2, dtype=torch.float64), torch.tensor(weights / 2, dtype=torch.float64)
+    if rule == "riemann-trapezoid":
+        if steps < 2:
+            raise MethodError("the trapezoid rule needs at least 2 steps")
+        alphas = torch.linspace(0, 1, steps, dtype=torch.float64)
+        weights = torch.full((steps,), 1.0 / (steps - 1), dtype=torch.float64)
+        weights[0] = weights[-1] = 0.5 / (steps - 1)
+        return alphas, weights
+    raise MethodError(f"unknown integration rule {rule!r}; choose 'gausslegendre' or 'riemann-trapezoid'")
+
+
+def gaussian_blur(batch: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Per-channel Gaussian blur with reflect padding (a baseline for Integrated Gradients)."""
+    radius = max(1, int(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=batch.dtype, device=batch.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = batch.shape[1]
+    padded = F.pad(batch, (radius, radius, radius, radius), mode="reflect")
+    horizontal = F.conv2d(padded, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+    return F.conv2d(horizontal, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+
+
+@register_method("integrated-gradients")
+class IntegratedGradients(GradientMethod):
+    """Integrated Gradients (Sundararajan et al. 2017):
+
+        IG_i(x) = (x_i - x'_i) * integral_0^1 d y_c(x' + a (x - x')) / d x_i  da
+
+    with baseline x' = ``baseline``: ``"black"`` (black pixels, after normalization), ``"blur"`` (the
+    image blurred with ``blur_sigma`` pixels), ``"noise"`` (uniform noise, seeded by ``seed``) or a
+    tensor in model-input space. The integral uses ``steps`` points of ``rule`` (Gauss-Legendre, as
+    Captum's default, or the trapezoid rule), evaluated ``steps_per_pass`` images at a time. The
+    completeness gap sum(IG) - (y_c(x) - y_c(x')) of every map is in ``stats["completeness_gap"]``.
+    Same definition and nodes as Captum's ``IntegratedGradients``.
+    """
+
+    summary = "integrated gradients along a straight path from a baseline (Sundararajan et al. 2017)"
+    options: ClassVar[dict[str, object]] = {
+        "reduce": "sum",
+        "steps": 50,
+        "baseline": "black",
+        "rule": "gausslegendre",
+        "blur_sigma": 10.0,
+        "seed": 0,
+        "steps_per_pass": None,
+    }
+
+    def baseline_for(self, batch: torch.Tensor) -> torch.Tensor:
+        choice = self.config["baseline"]
+        preprocess = self.model.preprocess
+        mean = torch.tensor(preprocess.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(preprocess.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+        if isinstance(choice, torch.Tensor):
+            base = choice.to(batch)
+            if base.ndim == 3:
+                base = base.unsqueeze(0)
+            if base.shape[1:] != batch.shape[1:] or base.shape[0] not in (1, batch.shape[0]):
+                raise MethodError(
+                    f"the baseline tensor has shape {tuple(choice.shape)}; it must match the model input "
+                    f"{tuple(batch.shape[1:])} (one for all images, or one per image)"
+                )
+            return base.expand_as(batch)
+        if choice == "black":
+            return ((torch.zeros_like(batch) - mean) / std).contiguous()
+        if choice == "blur":
+            return gaussian_blur(batch.detach(), float(self.config["blur_sigma"]))
+        if choice == "noise":
+            generator = torch.Generator().manual_seed(int(self.config["seed"]))
+            noise = torch.rand(batch.shape, generator=generator, dtype=batch.dtype).to(batch.device)
+            return (noise - mean) / std
+        raise MethodError(f"unknown baseline {choice!r}; choose 'black', 'blur', 'noise' or give a tensor")
+
+    def attributions(self, batch: torch.Tensor, resolve):
+        module = self.model.module
+        alphas, weights = _interpolation_nodes(int(self.config["steps"]), str(self.config["rule"]))
+        baseline = self.baseline_for(batch)
+        with torch.no_grad():
+            logits = module(batch)
+            baseline_logits = module(baseline)
+        targets = resolve(logits)
+        b, k_total = targets.shape
+        per_pass = self.config["steps_per_pass"] or max(1, self.images_per_pass() // b)
+        delta = (batch - baseline).detach()
+        total = torch.zeros((b, k_total, *batch.shape[1:]), dtype=torch.float64, device=batch.device)
+        forwards, backwards = 2, 0
+        for start in range(0, len(alphas), per_pass):
+            a = alphas[start : start + per_pass].to(batch.device)
+            w = weights[start : start + per_pass].to(batch.device)
+            points = (baseline.unsqueeze(0) + a.view(-1, 1, 1, 1, 1).to(batch.dtype) * delta.unsqueeze(0)).flatten(0, 1)
+            step_targets = targets.repeat(len(a), 1)
+            grads, _, _, passes = input_gradients(module, points, lambda _logits, t=step_targets: t)
+            forwards, backwards = forwards + 1, backwards + passes
+            grads = grads.view(len(a), b, k_total, *batch.shape[1:]).double()
+            total += (grads * w.view(-1, 1, 1, 1, 1, 1)).sum(dim=0)
+        attributions = (total * delta.unsqueeze(1).double()).float()
+        valid = targets >= 0
+        gain = logits.gather(1, targets.clamp_min(0)) - baseline_logits.gather(1, targets.clamp_min(0))
+        gap = torch.where(valid, attributions.flatten(2).sum(dim=2) - gain, torch.full_like(gain, float("nan")))
+        return Computed(
+            raw=attributions,
+            logits=logits,
+            targets=targets,
+            forwards=forwards,
+            backwards=backwards,
+            channels=attributions,
+            extra={"completeness_gap": gap.tolist()},
+        )
+
+    def images_per_pass(self) -> int:
+        return auto_images_per_pass(self.model)
