@@ -33,6 +33,7 @@ class Registry(Generic[T]):
         self._error = error
         self._list_hint = list_hint
         self._items: dict[str, T] = {}
+        self._aliases: dict[str, str] = {}
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
         """Register ``obj`` under ``name``; without ``obj``, return a decorator."""
@@ -46,9 +47,15 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def alias(self, alias: str, name: str) -> None:
+        """Let ``alias`` stand for the registered ``name`` (not listed by :meth:`names`)."""
+        if alias.lower() in self._items or alias.lower() in self._aliases:
+            raise ValueError(f"{self.kind} {alias!r} is registered twice")
+        self._aliases[alias.lower()] = name.lower()
+
     def get(self, name: str) -> T:
         try:
-            return self._items[name.lower()]
+            return self._items[self._aliases.get(name.lower(), name.lower())]
         except KeyError:
             hint = did_you_mean(name, self.names())
             if not hint:
@@ -63,7 +70,7 @@ class Registry(Generic[T]):
         return iter(self._items.items())
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._items
+        return isinstance(name, str) and (name.lower() in self._items or name.lower() in self._aliases)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -17,6 +17,20 @@ from .models.labels import short_name
 from .render.report import ReportRow, write_report
 
 
+def check_options(methods: Sequence[str], options: dict) -> None:
+    """Every option must belong to at least one of the methods (a typo must not be silently ignored)."""
+    from ._registry import did_you_mean
+    from .errors import MethodError
+
+    known = {key for method in methods for key in METHODS.get(method).options}
+    for key in options:
+        if key not in known:
+            hint = did_you_mean(key, sorted(known))
+            raise MethodError(
+                f"option {key!r} belongs to none of {', '.join(methods)}{hint} (their options: {', '.join(sorted(known)) or 'none'})"
+            )
+
+
 def unique_names(names: Sequence[str]) -> list[str]:
     """Make names unique for file names: 'x', 'x' -> 'x', 'x-2'."""
     seen: dict[str, int] = {}
@@ -51,6 +65,7 @@ def explain_images(
     """
     names = unique_names(names)
     options = options or {}
+    check_options(methods, options)
     explainers = []
     for method in methods:
         cls = METHODS.get(method)
@@ -125,3 +140,98 @@ def explain_images(
         )
         summary["report"] = str(path)
     return summary
+
+
+def parse_options(pairs: Sequence[str]) -> dict:
+    """['steps=16', 'baseline=blur', 'relu=false'] -> {'steps': 16, 'baseline': 'blur', 'relu': False}."""
+    import ast
+
+    from .errors import InputError
+
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"option {pair!r} is not KEY=VALUE (for example steps=16)")
+        text = value.strip()
+        lowered = text.lower()
+        if lowered in ("true", "false", "none"):
+            options[key.strip()] = {"true": True, "false": False, "none": None}[lowered]
+            continue
+        try:
+            options[key.strip()] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key.strip()] = text
+    return options
+
+
+def compare_image(
+    model: Model,
+    image: np.ndarray,
+    name: str,
+    *,
+    methods: Sequence[str],
+    target: object = "top3",
+    layers: Sequence[str] | None = None,
+    options: dict | None = None,
+    alpha: float = 0.5,
+):
+    """One image, several methods (rows) or one layer method at several layers (rows), and its
+    classes (columns). Returns (matplotlib Figure, JSON-able summary with each map's peak and each
+    method's seconds)."""
+    import time
+
+    from .errors import MethodError
+    from .render.grid import comparison_grid
+
+    options = options or {}
+    check_options(methods, options)
+    rows: list[tuple[str, list]] = []
+    summary: dict = {"image": name, "model": model.name, "rows": []}
+    columns: list[str] = []
+    explanations: list[tuple[str, Explanation, float]] = []
+    if layers:
+        if len(methods) != 1:
+            raise MethodError("--layers compares one layer method at several layers; give one --methods entry")
+        cls = METHODS.get(methods[0])
+        if not cls.uses_layer or not hasattr(cls, "explain_layers"):
+            raise MethodError(f"{methods[0]} does not work on layers; choose a CAM method to compare layers")
+        accepted = {k: v for k, v in options.items() if k in cls.options}
+        started = time.perf_counter()
+        by_layer = cls(model, **accepted).explain_layers(image, list(layers), target, names=[name])
+        seconds = time.perf_counter() - started
+        explanations = [(f"{methods[0]} @ {layer}", e, seconds) for layer, e in by_layer.items()]
+    else:
+        for method in methods:
+            cls = METHODS.get(method)
+            accepted = {k: v for k, v in options.items() if k in cls.options}
+            started = time.perf_counter()
+            explanation = cls(model, **accepted)(image, target, names=[name])
+            explanations.append((explanation.method, explanation, time.perf_counter() - started))
+    first = explanations[0][1]
+    classes = [int(t) for t in first.targets[0] if int(t) >= 0]
+    columns = [f"{short_name(first.labels[c])} ({float(first.probabilities[0, c]):.1%})" for c in classes]
+    for label, explanation, seconds in explanations:
+        overlays = [explanation.overlay(0, k, alpha=alpha) for k in range(len(classes))]
+        rows.append((label, overlays))
+        summary["rows"].append(
+            {
+                "row": label,
+                "method": explanation.method,
+                "layer": explanation.layer,
+                "seconds": round(seconds, 4),
+                "forwards": explanation.stats.get("forwards"),
+                "backwards": explanation.stats.get("backwards"),
+                "maps": [
+                    {
+                        "class_index": c,
+                        "class_name": short_name(explanation.labels[c]),
+                        "probability": round(explanation.probability(0, k), 6),
+                        "peak": list(explanation.peak(0, k)),
+                    }
+                    for k, c in enumerate(classes)
+                ],
+            }
+        )
+    figure = comparison_grid(first.images[0], rows, columns, title=f"{name} · {model.name}")
+    return figure, summary

@@ -115,3 +115,78 @@ def test_demo_writes_overlays_and_report(capsys, tmp_path):
     tops = {image["image"]: image["top5"][0]["class_index"] for image in summary["images"]}
     assert tops["chelsea"] == 285 and tops["coffee"] == 967
     assert len(list(tmp_path.glob("*.png"))) == 8 and (tmp_path / "report.html").exists()
+
+
+@pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
+def test_compare_methods_grid_and_json(capsys, cat_file, tmp_path):
+    code, out, err = run(
+        capsys,
+        "compare",
+        str(cat_file),
+        "--methods",
+        "gradcam,saliency,ig",
+        "-k",
+        "2",
+        "--option",
+        "steps=4",
+        "-o",
+        str(tmp_path),
+        "--json",
+        "-q",
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert [row["method"] for row in summary["rows"]] == ["gradcam", "saliency", "integrated-gradients"]
+    for row in summary["rows"]:
+        assert row["seconds"] > 0 and row["maps"][0]["class_index"] == 285
+        assert all(0 <= m["peak"][0] < 451 and 0 <= m["peak"][1] < 300 for m in row["maps"])
+    with Image.open(summary["file"]) as grid:
+        assert grid.size[0] > 400 and grid.size[1] > 400
+
+
+@pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
+def test_compare_layers(capsys, cat_file, tmp_path):
+    code, out, err = run(
+        capsys,
+        "compare",
+        str(cat_file),
+        "--methods",
+        "gradcam",
+        "--layers",
+        "_blocks.10,_swish@1",
+        "-k",
+        "1",
+        "-o",
+        str(tmp_path),
+        "--json",
+    )
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [row["layer"] for row in rows] == ["_blocks.10", "_swish@1"] and rows[0]["forwards"] == 1
+    code, _, err = run(
+        capsys, "compare", str(cat_file), "--methods", "saliency", "--layers", "_blocks.10", "-o", str(tmp_path)
+    )
+    assert code == 2 and "does not work on layers" in err
+
+
+def test_explain_passes_method_options(capsys, cat_file, tmp_path):
+    code, _, err = run(
+        capsys,
+        "explain",
+        str(cat_file),
+        "--method",
+        "integrated-gradients",
+        "--option",
+        "steps=3",
+        "--option",
+        "baseline=blur",
+        "-o",
+        str(tmp_path),
+        "--json",
+        "-q",
+    )
+    assert code == 0, err
+    code, _, err = run(capsys, "explain", str(cat_file), "--option", "steps", "-o", str(tmp_path))
+    assert code == 2 and "is not KEY=VALUE" in err
+    code, _, err = run(capsys, "explain", str(cat_file), "--option", "stepz=3", "--method", "ig", "-o", str(tmp_path))
+    assert code == 2 and "option 'stepz' belongs to none of ig; did you mean 'steps'" in err

@@ -228,3 +228,21 @@ def test_multilabel_positive_targets():
     assert float(explanation.probabilities[0, 0]) == pytest.approx(torch.sigmoid(explanation.scores[0, 0]).item())
     with pytest.raises(cnnscope.TargetError, match="no class passes the threshold 0.99"):
         GradCAM(multilabel)(torch.zeros(1, 3, 32, 32), "positive", threshold=0.99)
+
+
+@pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
+def test_several_layers_in_one_pass_equal_one_layer_at_a_time(default_model, default_batch):
+    layers = ["_blocks.5", "_blocks.10", "_swish@1"]
+    together = GradCAM(default_model).explain_layers(default_batch, layers, "top2")
+    assert list(together) == layers
+    for layer in layers:
+        explanation = together[layer]
+        assert explanation.layer == layer and explanation.stats["forwards"] == 1
+        assert explanation.stats["backwards"] == 2  # one per target, for all three layers at once
+        alone = GradCAM(default_model, layer=layer)(default_batch, "top2")
+        scale = float(alone.raw.abs().max())
+        torch.testing.assert_close(explanation.raw, alone.raw, rtol=1e-4, atol=1e-6 * scale)
+    sizes = [together[layer].raw.shape[-1] for layer in layers]
+    assert sizes == [default_model.layer(layer).output_shape[-1] for layer in layers] == [14, 14, 7]
+    ablation = cnnscope.get_method("ablationcam")(default_model).explain_layers(default_batch, ["_swish@1"], 285)
+    assert ablation["_swish@1"].raw.shape == (2, 1, 7, 7)

@@ -19,6 +19,7 @@ from .._registry import METHODS, MODELS
 from ..errors import CnnscopeError, CnnscopeWarning, InputError
 from ..io import find_images, load_image
 from ..models import DEFAULT_MODEL, Model, load_model
+from ..runner import parse_options
 
 app = typer.Typer(
     add_completion=False,
@@ -167,6 +168,9 @@ def explain(
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0)] = 0.5,
     colormap: Annotated[str | None, typer.Option("--colormap")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", help="method option KEY=VALUE, e.g. steps=16; repeatable")
+    ] = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="write report.html")] = True,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -194,9 +198,61 @@ def explain(
         batch_size=batch_size,
         alpha=alpha,
         colormap=colormap,
-        options=_method_options(counterfactual, relu),
+        options={**parse_options(option or []), **_method_options(counterfactual, relu)},
     )
     _print_summary(summary, as_json)
+
+
+@app.command()
+def compare(
+    image: Annotated[Path, typer.Argument(help="one image file")],
+    methods: Annotated[
+        str, typer.Option("--methods", help="comma-separated methods (rows)")
+    ] = "gradcam,gradcam++,scorecam,guided-gradcam,saliency,smoothgrad,ig",
+    layers: Annotated[str | None, typer.Option("--layers", help="comma-separated layers (rows) for one method")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="columns: the top K classes")] = 3,
+    target: Annotated[list[str] | None, typer.Option("--target", "-t", help="class index or name; repeatable")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("cnnscope-out"),
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    no_weights: NoWeightsOpt = False,
+    trust_pickle: TrustOpt = False,
+    option: Annotated[list[str] | None, typer.Option("--option", help="method option KEY=VALUE; repeatable")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Several methods (or one method at several layers) side by side for the top classes: one grid PNG."""
+    from ..render.figure import figure_png
+    from ..runner import compare_image
+
+    _state["quiet"] = quiet
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in names:
+        METHODS.get(name)
+    loaded = _load(model, arch, no_weights, trust_pickle, False, None)
+    picture = load_image(image)
+    chosen = _targets(target, None) if target else f"top{top_k}"
+    layer_list = [layer.strip() for layer in layers.split(",")] if layers else None
+    figure, summary = compare_image(
+        loaded,
+        picture,
+        image.stem,
+        methods=names,
+        target=chosen,
+        layers=layer_list,
+        options=parse_options(option or []),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{image.stem}_compare.png"
+    path.write_bytes(figure_png(figure))
+    summary["file"] = str(path)
+    if as_json:
+        _print_json(summary)
+        return
+    for row in summary["rows"]:
+        peaks = "  ".join(f"{m['class_name']} {tuple(m['peak'])}" for m in row["maps"])
+        typer.echo(f"{row['row']:<28} {row['seconds']:7.3f} s  {peaks}")
+    typer.echo(f"grid: {path}")
 
 
 def _run(model: Model, pictures: list, names: list[str], **kwargs) -> dict:

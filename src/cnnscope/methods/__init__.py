@@ -44,6 +44,11 @@ __all__ = [
 ]
 
 
+METHODS.alias("ig", "integrated-gradients")
+METHODS.alias("gradcampp", "gradcam++")
+METHODS.alias("guided-grad-cam", "guided-gradcam")
+
+
 def list_methods() -> list[str]:
     """Names of the registered methods."""
     return METHODS.names()

@@ -152,6 +152,14 @@ class Method:
         Images go through the model ``images_per_pass`` at a time (default: as many as keep every
         layer output under 24 MiB, see :func:`auto_images_per_pass`); all targets of an image are
         explained from the same pass."""
+        return self._run(images, target, threshold, names, images_per_pass, self._compute_one)[None]
+
+    def _compute_one(self, batch: torch.Tensor, resolve) -> dict[str | None, Computed]:
+        return {None: self.compute(batch, resolve)}
+
+    def _run(self, images, target, threshold, names, images_per_pass, compute_many) -> dict:
+        """Prepare, run ``compute_many`` (batch, resolve) -> {layer: Computed} over passes of images inside
+        ``preserved``, and package one Explanation per key."""
         batch = self.model.prepare(images)
         total = batch.tensor.shape[0]
         if names is not None:
@@ -165,19 +173,25 @@ class Method:
         if isinstance(target, torch.Tensor):
             target = target.tolist()
         started = time.perf_counter()
-        parts = []
+        parts: dict = {}
         with preserved(self.model.module):
             for start in range(0, total, images_per_pass):
                 stop = min(total, start + images_per_pass)
                 part_target = slice_per_image(target, start, stop, total)
-                parts.append(
-                    self.compute(
-                        batch.tensor[start:stop], lambda logits, t=part_target: self.resolve(t, logits, threshold)
-                    )
+                results = compute_many(
+                    batch.tensor[start:stop], lambda logits, t=part_target: self.resolve(t, logits, threshold)
                 )
-                parts[-1].notes = [(i + start, text) for i, text in parts[-1].notes]
-        computed = Computed.merge(parts)
+                for key, part in results.items():
+                    part.notes = [(i + start, text) for i, text in part.notes]
+                    parts.setdefault(key, []).append(part)
         seconds = time.perf_counter() - started
+        return {
+            key: self._package(batch, Computed.merge(pieces), seconds, key, threshold) for key, pieces in parts.items()
+        }
+
+    def _package(
+        self, batch, computed: Computed, seconds: float, layer_key: str | None, threshold: float
+    ) -> Explanation:
         if bool((computed.targets == NO_TARGET).all()):
             raise TargetError(
                 f"nothing to explain: no image has a target (with 'positive': no class passes the threshold "
@@ -193,7 +207,9 @@ class Method:
         )
         notes = [f"{batch.names[i]}: {text}" for i, text in computed.notes + self._similar_map_notes(raw, targets)]
         for note in notes:
-            warnings.warn(note, CnnscopeWarning, stacklevel=2)
+            warnings.warn(note, CnnscopeWarning, stacklevel=4)
+        if layer_key is None and self.layer is not None:
+            layer_key = self.layer.key
         return Explanation(
             raw=raw.cpu(),
             input_size=(int(batch.tensor.shape[-2]), int(batch.tensor.shape[-1])),
@@ -205,7 +221,7 @@ class Method:
             images=batch.originals,
             names=batch.names,
             method=self.name,
-            layer=self.layer.key if self.layer else None,
+            layer=layer_key,
             options=dict(self.config),
             signed=self.is_signed(),
             stats={

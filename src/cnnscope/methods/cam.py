@@ -99,17 +99,81 @@ class CAMBase(Method):
                 backwards += part.shape[1]
                 if self.config.get("counterfactual"):
                     gradients = -gradients
-            weights = self.channel_weights(detached, gradients, part)
-            if weights.ndim == 3:  # (B, k, C) @ (B, C, h*w): one batched matrix product
-                maps = torch.bmm(weights, detached.flatten(2)).view(*weights.shape[:2], *detached.shape[2:])
-            else:
-                maps = (weights * detached.unsqueeze(1)).sum(dim=2)
-            if self.config.get("relu", True):
-                maps = torch.relu(maps)
-            pieces.append(torch.where((part >= 0)[:, :, None, None], maps, torch.zeros_like(maps)))
+            pieces.append(self._combine(self.channel_weights(detached, gradients, part), detached, part))
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), backwards, 0
 
-    def _empty_map_notes(self, maps: torch.Tensor, targets: torch.Tensor) -> list[tuple[int, str]]:
+    def _combine(self, weights: torch.Tensor, detached: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """sum_c weights * A (channel or element-wise weights), the ReLU, and zeros where there is no target."""
+        if weights.ndim == 3:  # (B, k, C) @ (B, C, h*w): one batched matrix product
+            maps = torch.bmm(weights, detached.flatten(2)).view(*weights.shape[:2], *detached.shape[2:])
+        else:
+            maps = (weights * detached.unsqueeze(1)).sum(dim=2)
+        if self.config.get("relu", True):
+            maps = torch.relu(maps)
+        return torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
+
+    def explain_layers(
+        self,
+        images: object,
+        layers,
+        target: object = "top1",
+        *,
+        threshold: float = 0.5,
+        names: list[str] | None = None,
+        images_per_pass: int | None = None,
+    ) -> dict:
+        """Explain ``images`` at several layers: {layer name: Explanation}.
+
+        Gradient methods take one forward pass and one backward pass per target for all the layers
+        together (the backward pass returns every layer's gradient); the others run once per layer."""
+        refs = [self.model.layer(layer) for layer in layers]
+        for ref in refs:
+            if len(ref.output_shape) != 4:
+                raise MethodError(
+                    f"{self.name} needs layers with (N, C, H, W) outputs; {ref.key!r} outputs {ref.output_shape}"
+                )
+        if not refs:
+            raise MethodError("give at least one layer")
+
+        def compute_many(batch, resolve):
+            if self.needs_gradients:
+                return self._compute_layers(refs, batch, resolve)
+            return {ref.key: type(self)(self.model, layer=ref, **self.config).compute(batch, resolve) for ref in refs}
+
+        return self._run(images, target, threshold, names, images_per_pass, compute_many)
+
+    def _compute_layers(self, refs, batch, resolve) -> dict:
+        with capture(self.model.module, refs) as record, torch.inference_mode(False), torch.enable_grad():
+            logits = self.model.module(batch)
+        activations = [record[ref.key] for ref in refs]
+        targets = resolve(logits)
+        k_total = targets.shape[1]
+        per_layer: list[list[torch.Tensor]] = [[] for _ in refs]
+        for k in range(k_total):
+            column = targets[:, k : k + 1]
+            picked = (logits.gather(1, column.clamp_min(0)) * (column >= 0).to(logits.dtype)).sum()
+            for index, grad in enumerate(torch.autograd.grad(picked, activations, retain_graph=k < k_total - 1)):
+                per_layer[index].append(grad)
+        results = {}
+        for ref, acts, grads in zip(refs, activations, per_layer, strict=True):
+            gradients = torch.stack(grads, dim=1)
+            if self.config.get("counterfactual"):
+                gradients = -gradients
+            detached = acts.detach()
+            maps = self._combine(self.channel_weights(detached, gradients, targets), detached, targets)
+            results[ref.key] = Computed(
+                raw=maps,
+                logits=logits.detach(),
+                targets=targets,
+                forwards=record.forwards,
+                backwards=k_total,
+                notes=self._empty_map_notes(maps, targets, ref.key),
+            )
+        return results
+
+    def _empty_map_notes(
+        self, maps: torch.Tensor, targets: torch.Tensor, layer_key: str | None = None
+    ) -> list[tuple[int, str]]:
         if not (self.needs_gradients and self.config.get("relu", True)) or self.config.get("counterfactual"):
             return []
         empty = (maps.flatten(2).amax(dim=2) <= 0) & (targets >= 0)
@@ -120,7 +184,7 @@ class CAMBase(Method):
             notes.append(
                 (
                     i,
-                    f"the {self.name} map of '{label}' is empty: at layer {self.layer.key} the weighted "
+                    f"the {self.name} map of '{label}' is empty: at layer {layer_key or self.layer.key} the weighted "
                     "channels lower its score everywhere (every region argues against it); "
                     "counterfactual=True (--counterfactual) maps the regions that lower it",
                 )
