@@ -26,9 +26,8 @@ def check_options(methods: Sequence[str], options: dict) -> None:
     for key in options:
         if key not in known:
             hint = did_you_mean(key, sorted(known))
-            raise MethodError(
-                f"option {key!r} belongs to none of {', '.join(methods)}{hint} (their options: {', '.join(sorted(known)) or 'none'})"
-            )
+            listed = ", ".join(sorted(known)) or "none"
+            raise MethodError(f"option {key!r} belongs to none of {', '.join(methods)}{hint} (their options: {listed})")
 
 
 def unique_names(names: Sequence[str]) -> list[str]:
