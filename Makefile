@@ -30,3 +30,4 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev,bench]'
 	$(BIN)/python bench/gradcam.py
+	$(BIN)/python bench/methods.py
