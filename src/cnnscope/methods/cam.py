@@ -20,6 +20,7 @@ from ..errors import MethodError
 from ..hooks import capture
 from ..models.labels import short_name
 from ..targets import NO_TARGET
+from ..tokens import to_grid
 from .base import MAX_NOTES, Computed, Method, auto_images_per_pass, register_method
 
 #: Memory for one chunk of per-target gradients; more targets than fit are done in several chunks.
@@ -58,7 +59,10 @@ class CAMBase(Method):
             activations = record[layer.key]
         targets = resolve(logits)
         self.check_head(activations, logits)
-        maps, backwards, extra_forwards = self._weighted_maps(activations, logits, targets, batch)
+        if self.token_grid is not None:
+            maps, backwards, extra_forwards = self._token_maps(activations, logits, targets)
+        else:
+            maps, backwards, extra_forwards = self._weighted_maps(activations, logits, targets, batch)
         notes = self._empty_map_notes(maps, targets)
         return Computed(
             raw=maps,
@@ -101,6 +105,20 @@ class CAMBase(Method):
                     gradients = -gradients
             pieces.append(self._combine(self.channel_weights(detached, gradients, part), detached, part))
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), backwards, 0
+
+    def _token_maps(self, activations, logits, targets):
+        """A transformer layer: gradients w.r.t. the (B, T, D) tokens, both reshaped to (B, D, h, w) grids."""
+        if not self.needs_gradients:
+            raise MethodError(
+                f"{self.name} works on convolutional layers; on transformer tokens use a gradient CAM "
+                "(gradcam, gradcam++, hirescam, layercam, xgradcam)"
+            )
+        gradients = target_gradients(logits, activations, targets, retain_graph=False)
+        if self.config.get("counterfactual"):
+            gradients = -gradients
+        detached = to_grid(activations.detach(), self.token_grid)
+        weights = self.channel_weights(detached, to_grid(gradients, self.token_grid), targets)
+        return self._combine(weights, detached, targets), targets.shape[1], 0
 
     def _combine(self, weights: torch.Tensor, detached: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """sum_c weights * A (channel or element-wise weights), the ReLU, and zeros where there is no target."""

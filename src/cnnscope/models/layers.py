@@ -31,6 +31,7 @@ class LayerCall:
     params: int  # parameters of the module and its children (counted on the first call only)
     depth: int  # nesting depth of the dotted name
     finished: int  # position by end time (a container ends after its children)
+    tensor_output: bool = True  # False when the module returns a tuple or another container
 
     @property
     def key(self) -> str:
@@ -56,7 +57,7 @@ def trace_calls(module: nn.Module, example: torch.Tensor) -> tuple[list[LayerCal
     also return the shape of the model's output."""
     names = {id(sub): name for name, sub in module.named_modules() if name}
     starts: list[tuple[str, nn.Module]] = []
-    ends: dict[tuple[str, int], tuple[int, tuple[int, ...]]] = {}
+    ends: dict[tuple[str, int], tuple[int, tuple[int, ...], bool]] = {}
     counts: dict[str, int] = {}
     end_counter = [0]
 
@@ -69,7 +70,11 @@ def trace_calls(module: nn.Module, example: torch.Tensor) -> tuple[list[LayerCal
         index = counts.get(name, 0)
         counts[name] = index + 1
         tensor = _first_tensor(output)
-        ends[(name, index)] = (end_counter[0], tuple(tensor.shape) if tensor is not None else ())
+        ends[(name, index)] = (
+            end_counter[0],
+            tuple(tensor.shape) if tensor is not None else (),
+            isinstance(output, torch.Tensor),
+        )
         end_counter[0] += 1
 
     handles = []
@@ -97,7 +102,7 @@ def trace_calls(module: nn.Module, example: torch.Tensor) -> tuple[list[LayerCal
     for order, (name, sub) in enumerate(starts):
         index = seen.get(name, 0)
         seen[name] = index + 1
-        finished, shape = ends.get((name, index), (-1, ()))
+        finished, shape, is_tensor = ends.get((name, index), (-1, (), False))
         rows.append(
             LayerCall(
                 order=order,
@@ -109,6 +114,7 @@ def trace_calls(module: nn.Module, example: torch.Tensor) -> tuple[list[LayerCal
                 params=sum(p.numel() for p in sub.parameters()) if index == 0 else 0,
                 depth=name.count("."),
                 finished=finished,
+                tensor_output=is_tensor,
             )
         )
     return rows, tuple(output.shape) if output is not None else ()

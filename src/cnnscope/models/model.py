@@ -99,6 +99,7 @@ class Model:
         self._calls: list[LayerCall] | None = None
         self._output_shape: tuple[int, ...] = ()
         self._largest: int | None = None
+        self._default: LayerRef | None = None
 
     def __repr__(self) -> str:
         kind = "multi-label" if self.multilabel else "single-label"
@@ -174,7 +175,60 @@ class Model:
         """The last layer with a spatial (N, C, H, W) output: the usual Grad-CAM / CAM target."""
         if isinstance(self.module, torch.jit.ScriptModule):
             return self.layer("")  # raises the TorchScript explanation
-        return self.layer(default_layer_name(self.calls()))
+        if self._default is None:
+            from ..tokens import token_grid
+
+            calls = self.calls()
+            spatial = [row for row in calls if row.is_spatial]
+            last_spatial = max((row.finished for row in spatial), default=-1)
+            tokens_after = any(
+                len(row.output_shape) == 3
+                and row.finished > last_spatial
+                and token_grid(row.output_shape[1], self.preprocess.size)
+                for row in calls
+            )
+            if spatial and not tokens_after:
+                self._default = self.layer(default_layer_name(calls))
+            else:  # a transformer: patch tokens come after the last spatial map (the patch embedding)
+                self._default = self._token_default_layer()
+        return self._default
+
+    def _token_default_layer(self) -> LayerRef:
+        """For transformers (no spatial map anywhere): the last layer of patch tokens whose tokens still
+        reach the output. Found with one probe forward and backward: in a ViT the last block's input norm
+        qualifies, while everything after its attention only feeds patch tokens that the head ignores."""
+        from ..hooks import capture
+        from ..state import preserved
+        from ..tokens import token_grid
+
+        rows = [
+            row
+            for row in self.calls()
+            if row.tensor_output
+            and len(row.output_shape) == 3
+            and token_grid(row.output_shape[1], self.preprocess.size)
+        ]
+        if not rows:
+            raise ModelError(
+                "no layer of this model outputs a spatial (N, C, H, W) map or a (N, tokens, D) sequence of patch "
+                "tokens; pass layer=... explicitly (cnnscope layers lists them)"
+            )
+        refs = [self.layer(row.key) for row in rows]
+        probe = torch.randn(1, 3, *self.preprocess.size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        with preserved(self.module, warn_if_training=False), capture(self.module, refs) as record, torch.enable_grad():
+            logits = self.module(probe)
+            present = [ref for ref in refs if ref.key in record.activations]
+            grads = torch.autograd.grad(logits.sum(), [record[ref.key] for ref in present], allow_unused=True)
+        order = {row.key: row.finished for row in rows}
+        reaching = [
+            ref
+            for ref, grad in zip(present, grads, strict=True)
+            if grad is not None
+            and float(grad[:, token_grid(ref.output_shape[1], self.preprocess.size)[0] :].abs().max()) > 0
+        ]
+        if not reaching:
+            raise ModelError("no layer of patch tokens reaches this model's output; pass layer=... explicitly")
+        return max(reaching, key=lambda ref: order[ref.key])
 
     # -- data ------------------------------------------------------------------------------------
     def prepare(self, images: object) -> Batch:

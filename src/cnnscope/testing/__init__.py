@@ -8,12 +8,13 @@ from .checks import (
     check_method,
     check_untouched,
 )
-from .models import QuadrantNet, TinyCNN, quadrant_masks, quadrant_model, tiny_model
+from .models import QuadrantNet, TinyCNN, TinyViT, quadrant_masks, quadrant_model, tiny_model, tiny_vit
 
 __all__ = [
     "QuadrantNet",
     "Snapshot",
     "TinyCNN",
+    "TinyViT",
     "check_batched_equals_single",
     "check_cleanup_on_error",
     "check_deterministic",
@@ -22,4 +23,5 @@ __all__ = [
     "quadrant_masks",
     "quadrant_model",
     "tiny_model",
+    "tiny_vit",
 ]

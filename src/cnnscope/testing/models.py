@@ -101,3 +101,55 @@ def tiny_model(classes: int = 5, seed: int = 0) -> Model:
         preprocess=IDENTITY_PREPROCESS,
         name="tiny",
     )
+
+
+class TinyViT(nn.Module):
+    """A small pre-norm vision transformer: 4x4 patches, a class token, ``depth`` blocks of
+    LayerNorm -> self-attention and LayerNorm -> MLP, a final LayerNorm and a head on the class token."""
+
+    def __init__(
+        self,
+        size: int = 32,
+        patch: int = 4,
+        dim: int = 16,
+        depth: int = 2,
+        classes: int = 3,
+        extra_tokens: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.extra = nn.Parameter(torch.randn(1, extra_tokens, dim) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, extra_tokens + (size // patch) ** 2, dim) * 0.1)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm1": nn.LayerNorm(dim),
+                    "attn": nn.MultiheadAttention(dim, 2, batch_first=True),
+                    "norm2": nn.LayerNorm(dim),
+                    "mlp": nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)),
+                }
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.extra.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos
+        for block in self.blocks:
+            normed = block["norm1"](tokens)
+            tokens = tokens + block["attn"](normed, normed, normed, need_weights=False)[0]
+            tokens = tokens + block["mlp"](block["norm2"](tokens))
+        return self.head(self.norm(tokens)[:, 0])
+
+
+def tiny_vit(extra_tokens: int = 1, seed: int = 0) -> Model:
+    return Model(
+        TinyViT(extra_tokens=extra_tokens, seed=seed).eval(),
+        labels=["a", "b", "c"],
+        preprocess=IDENTITY_PREPROCESS,
+        name="tiny-vit",
+    )

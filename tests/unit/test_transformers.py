@@ -1,0 +1,72 @@
+"""CAMs on vision transformers: the token grid is inferred, not asked for."""
+
+import pytest
+import torch
+
+import cnnscope
+from cnnscope import MethodError
+from cnnscope.testing import check_method, tiny_vit
+from cnnscope.tokens import to_grid, token_grid
+
+
+@pytest.mark.parametrize(
+    ("tokens", "size", "expected"),
+    [
+        (197, (224, 224), (1, 14, 14)),  # ViT-B/16: class token
+        (198, (224, 224), (2, 14, 14)),  # DeiT distilled: class + distillation tokens
+        (201, (224, 224), (5, 14, 14)),  # class + 4 registers
+        (196, (224, 224), (0, 14, 14)),  # no class token
+        (129, (256, 512), (1, 8, 16)),  # a wide input
+        (7, (224, 224), None),
+    ],
+)
+def test_token_grid(tokens, size, expected):
+    assert token_grid(tokens, size) == expected
+
+
+def test_default_layer_is_the_last_blocks_input_norm():
+    model = tiny_vit()
+    assert model.default_layer().key == "blocks.1.norm1"
+
+
+@pytest.mark.parametrize("extra", [1, 2, 5])
+def test_gradcam_on_tokens_equals_the_formula(extra):
+    model = tiny_vit(extra_tokens=extra)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    explanation = cnnscope.get_method("gradcam")(model, relu=False)(images, [0, 2])
+    assert explanation.raw.shape == (2, 2, 8, 8) and explanation.maps.shape == (2, 2, 32, 32)
+    layer = model.module.blocks[1]["norm1"]
+    kept = []
+    handle = layer.register_forward_hook(lambda m, i, o: kept.append(o))
+    logits = model.module(images)
+    handle.remove()
+    for k, c in enumerate([0, 2]):
+        (grad,) = torch.autograd.grad(logits[:, c].sum(), kept[0], retain_graph=True)
+        a, g = to_grid(kept[0].detach(), (extra, 8, 8)), to_grid(grad, (extra, 8, 8))
+        expected = (g.mean(dim=(2, 3))[:, :, None, None] * a).sum(1)
+        torch.testing.assert_close(explanation.raw[:, k], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
+@pytest.mark.parametrize("name", ["gradcam", "gradcam++", "hirescam", "layercam", "xgradcam"])
+def test_gradient_cams_pass_the_contract_on_a_vit(name):
+    model = tiny_vit()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    check_method(cnnscope.get_method(name), model, images, target="top2")
+
+
+def test_non_gradient_cams_say_they_need_convolutions():
+    with pytest.raises(MethodError, match="on transformer tokens use a gradient CAM"):
+        cnnscope.get_method("scorecam")(tiny_vit())(torch.rand(1, 3, 32, 32), 0)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("torchvision"), reason="torchvision not installed")
+def test_torchvision_vit_b_16_architecture():  # pragma: no cover - runs where torchvision imports
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        pytest.skip("torchvision does not import beside this torch")
+    model = cnnscope.load_model("torchvision:vit_b_16", weights=False)
+    assert model.default_layer().key == "encoder.layers.encoder_layer_11.ln_1"
+    explanation = cnnscope.explain(model, torch.rand(1, 3, 224, 224), "gradcam", target=3)
+    assert explanation.raw.shape == (1, 1, 14, 14)
