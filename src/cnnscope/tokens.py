@@ -1,4 +1,5 @@
-"""Transformer layers as maps: token sequences (N, T, D) reshaped to a (N, D, h, w) grid.
+"""Transformer layers as maps: token sequences (N, T, D) reshaped to a (N, D, h, w) grid, and
+channels-last maps (N, h, w, C) (Swin, ConvNeXt blocks) moved to (N, C, h, w).
 
 Leading tokens that are not patches (a class token, a distillation token, register tokens) are
 dropped: their number is what makes the rest fill the patch grid, whose aspect ratio is the model
@@ -35,3 +36,28 @@ def to_grid(values: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     patches = values[..., extra:, :]
     shaped = patches.reshape(*patches.shape[:-2], grid_h, grid_w, patches.shape[-1])
     return shaped.movedim(-1, -3)
+
+
+def is_channels_last(shape: tuple[int, ...], input_size: tuple[int, int]) -> bool:
+    """Whether a 4-D layer output is (N, h, w, C) rather than (N, C, h, w): the spatial pair is the one
+    whose ratio is the input's (h / w = H / W), with channels-first preferred when both fit."""
+    if len(shape) != 4:
+        return False
+    ratio = input_size[0] / input_size[1]
+    first = shape[3] > 1 and abs(shape[2] / shape[3] - ratio) < 0.05
+    last = shape[2] > 1 and abs(shape[1] / shape[2] - ratio) < 0.05
+    return last and not first
+
+
+def layer_adapter(shape: tuple[int, ...], input_size: tuple[int, int]):
+    """A function putting a layer's output (and its gradients, which have extra leading dims) in
+    (..., C, h, w) form, and a word for the layout; None when the output is not a map."""
+    if len(shape) == 4:
+        if is_channels_last(shape, input_size):
+            return (lambda t: t.movedim(-1, -3)), "channels-last"
+        return (lambda t: t), "channels-first"
+    if len(shape) == 3:
+        grid = token_grid(shape[1], input_size)
+        if grid is not None:
+            return (lambda t: to_grid(t, grid)), "tokens"
+    return None

@@ -56,7 +56,7 @@ def test_gradient_cams_pass_the_contract_on_a_vit(name):
 
 
 def test_non_gradient_cams_say_they_need_convolutions():
-    with pytest.raises(MethodError, match="on transformer tokens use a gradient CAM"):
+    with pytest.raises(MethodError, match="on transformer tokens or channels-last maps use a gradient CAM"):
         cnnscope.get_method("scorecam")(tiny_vit())(torch.rand(1, 3, 32, 32), 0)
 
 
@@ -70,3 +70,41 @@ def test_torchvision_vit_b_16_architecture():  # pragma: no cover - runs where t
     assert model.default_layer().key == "encoder.layers.encoder_layer_11.ln_1"
     explanation = cnnscope.explain(model, torch.rand(1, 3, 224, 224), "gradcam", target=3)
     assert explanation.raw.shape == (1, 1, 14, 14)
+
+
+class ChannelsLast(torch.nn.Module):
+    """Swin/ConvNeXt style: a patch embedding, then LayerNorm and a token-wise MLP on (N, h, w, C)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(3, 12, 4, stride=4)
+        self.norm = torch.nn.LayerNorm(12)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(12, 12), torch.nn.GELU())
+        self.head = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        hidden = self.mlp(self.norm(self.embed(x).permute(0, 2, 3, 1)))  # (N, 8, 16, 12): a wide input
+        return self.head(hidden.mean(dim=(1, 2)))
+
+
+def test_channels_last_layers_are_recognised():
+    from cnnscope.models import Model, Preprocess
+    from cnnscope.tokens import is_channels_last
+
+    assert is_channels_last((1, 8, 16, 12), (32, 64)) and not is_channels_last((1, 12, 8, 16), (32, 64))
+    assert not is_channels_last((1, 7, 7, 7), (224, 224))  # ambiguous: channels-first
+    model = Model(ChannelsLast().eval(), preprocess=Preprocess((32, 64), mean=(0, 0, 0), std=(1, 1, 1)))
+    images = torch.rand(2, 3, 32, 64, generator=torch.Generator().manual_seed(2))
+    explanation = cnnscope.get_method("gradcam")(model, layer="mlp", relu=False)(images, 1)
+    assert explanation.raw.shape == (2, 1, 8, 16)
+    kept = []
+    handle = model.module.mlp.register_forward_hook(lambda m, i, o: kept.append(o))
+    logits = model.module(images)
+    handle.remove()
+    (grad,) = torch.autograd.grad(logits[:, 1].sum(), kept[0])
+    a, g = kept[0].detach().permute(0, 3, 1, 2), grad.permute(0, 3, 1, 2)
+    expected = (g.mean(dim=(2, 3))[:, :, None, None] * a).sum(1)
+    torch.testing.assert_close(explanation.raw[:, 0], expected, rtol=1e-4, atol=1e-6)
+    layers = cnnscope.get_method("gradcam")(model, relu=False).explain_layers(images, ["mlp", "embed"], 1)
+    torch.testing.assert_close(layers["mlp"].raw, explanation.raw, rtol=1e-4, atol=1e-6)

@@ -24,7 +24,7 @@ from ..models import Model, load_model
 from ..models.labels import short_name
 from ..state import preserved
 from ..targets import NO_TARGET, resolve_targets, slice_per_image
-from ..tokens import token_grid
+from ..tokens import layer_adapter
 
 #: At most this many notes of one kind per image (1,000 targets must not print 1,000 lines).
 MAX_NOTES = 5
@@ -128,15 +128,14 @@ class Method:
         self.layer: LayerRef | None = None
         if self.uses_layer:
             self.layer = self.model.layer(layer) if layer is not None else self.model.default_layer()
-            self.token_grid = None
             shape = self.layer.output_shape
-            if len(shape) == 3:
-                self.token_grid = token_grid(shape[1], self.model.preprocess.size)
-            if len(shape) != 4 and self.token_grid is None:
+            adapter = layer_adapter(shape, self.model.preprocess.size)
+            if adapter is None:
                 raise MethodError(
                     f"{self.name} needs a layer with a (N, C, H, W) output or a (N, tokens, D) sequence of "
                     f"patch tokens; {self.layer.key!r} outputs {shape}"
                 )
+            self.to_map, self.layout = adapter
 
     def __repr__(self) -> str:
         layer = f", layer={self.layer.key!r}" if self.layer else ""

@@ -20,7 +20,7 @@ from ..errors import MethodError
 from ..hooks import capture
 from ..models.labels import short_name
 from ..targets import NO_TARGET
-from ..tokens import to_grid
+from ..tokens import layer_adapter
 from .base import MAX_NOTES, Computed, Method, auto_images_per_pass, register_method
 
 #: Memory for one chunk of per-target gradients; more targets than fit are done in several chunks.
@@ -59,8 +59,8 @@ class CAMBase(Method):
             activations = record[layer.key]
         targets = resolve(logits)
         self.check_head(activations, logits)
-        if self.token_grid is not None:
-            maps, backwards, extra_forwards = self._token_maps(activations, logits, targets)
+        if self.layout != "channels-first":
+            maps, backwards, extra_forwards = self._adapted_maps(activations, logits, targets)
         else:
             maps, backwards, extra_forwards = self._weighted_maps(activations, logits, targets, batch)
         notes = self._empty_map_notes(maps, targets)
@@ -106,18 +106,19 @@ class CAMBase(Method):
             pieces.append(self._combine(self.channel_weights(detached, gradients, part), detached, part))
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), backwards, 0
 
-    def _token_maps(self, activations, logits, targets):
-        """A transformer layer: gradients w.r.t. the (B, T, D) tokens, both reshaped to (B, D, h, w) grids."""
+    def _adapted_maps(self, activations, logits, targets):
+        """A transformer layer (B, T, D) or a channels-last one (B, h, w, C): gradients w.r.t. the layer's own
+        output, then activations and gradients both put in (B, C, h, w) form."""
         if not self.needs_gradients:
             raise MethodError(
-                f"{self.name} works on convolutional layers; on transformer tokens use a gradient CAM "
-                "(gradcam, gradcam++, hirescam, layercam, xgradcam)"
+                f"{self.name} works on channels-first convolutional layers; on transformer tokens or channels-last "
+                "maps use a gradient CAM (gradcam, gradcam++, hirescam, layercam, xgradcam)"
             )
         gradients = target_gradients(logits, activations, targets, retain_graph=False)
         if self.config.get("counterfactual"):
             gradients = -gradients
-        detached = to_grid(activations.detach(), self.token_grid)
-        weights = self.channel_weights(detached, to_grid(gradients, self.token_grid), targets)
+        detached = self.to_map(activations.detach())
+        weights = self.channel_weights(detached, self.to_map(gradients), targets)
         return self._combine(weights, detached, targets), targets.shape[1], 0
 
     def _combine(self, weights: torch.Tensor, detached: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -145,22 +146,27 @@ class CAMBase(Method):
         Gradient methods take one forward pass and one backward pass per target for all the layers
         together (the backward pass returns every layer's gradient); the others run once per layer."""
         refs = [self.model.layer(layer) for layer in layers]
+        adapters = {}
         for ref in refs:
-            if len(ref.output_shape) != 4:
+            adapter = layer_adapter(ref.output_shape, self.model.preprocess.size)
+            if adapter is None:
                 raise MethodError(
-                    f"{self.name} needs layers with (N, C, H, W) outputs; {ref.key!r} outputs {ref.output_shape}"
+                    f"{self.name} needs layers with map or patch-token outputs; {ref.key!r} outputs {ref.output_shape}"
                 )
+            adapters[ref.key] = adapter[0]
+            if adapter[1] != "channels-first" and not self.needs_gradients:
+                raise MethodError(f"{self.name} works on channels-first convolutional layers, not {ref.key!r}")
         if not refs:
             raise MethodError("give at least one layer")
 
         def compute_many(batch, resolve):
             if self.needs_gradients:
-                return self._compute_layers(refs, batch, resolve)
+                return self._compute_layers(refs, batch, resolve, adapters)
             return {ref.key: type(self)(self.model, layer=ref, **self.config).compute(batch, resolve) for ref in refs}
 
         return self._run(images, target, threshold, names, images_per_pass, compute_many)
 
-    def _compute_layers(self, refs, batch, resolve) -> dict:
+    def _compute_layers(self, refs, batch, resolve, adapters) -> dict:
         with capture(self.model.module, refs) as record, torch.inference_mode(False), torch.enable_grad():
             logits = self.model.module(batch)
         activations = [record[ref.key] for ref in refs]
@@ -174,10 +180,10 @@ class CAMBase(Method):
                 per_layer[index].append(grad)
         results = {}
         for ref, acts, grads in zip(refs, activations, per_layer, strict=True):
-            gradients = torch.stack(grads, dim=1)
+            gradients = adapters[ref.key](torch.stack(grads, dim=1))
             if self.config.get("counterfactual"):
                 gradients = -gradients
-            detached = acts.detach()
+            detached = adapters[ref.key](acts.detach())
             maps = self._combine(self.channel_weights(detached, gradients, targets), detached, targets)
             results[ref.key] = Computed(
                 raw=maps,
