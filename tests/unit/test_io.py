@@ -144,3 +144,17 @@ def test_find_images_expands_folders(tmp_path, photo):
     assert len(load_images(find_images([tmp_path]))) == 2
     with pytest.raises(InputError, match="holds no image files"):
         find_images([tmp_path / "sub"] if (tmp_path / "sub").mkdir() is None else [])
+
+
+def test_overlay_blends_on_the_original_and_keeps_zero_evidence_clear():
+    from cnnscope.render import overlay
+
+    image = np.full((30, 40, 3), 100, dtype=np.uint8)
+    heat = np.zeros((7, 7), dtype=np.float32)
+    heat[3, 3] = 1.0
+    plain = overlay(image, heat, alpha=0.5)
+    assert plain.shape == (30, 40, 3)
+    signed = overlay(image, -heat, alpha=0.5, signed=True)
+    assert (signed[0, 0] == 100).all()  # zero evidence: the photo unchanged
+    centre = signed[15, 20].astype(int)
+    assert centre[2] > centre[0]  # negative evidence drawn blue

@@ -31,13 +31,18 @@ def overlay(
 ) -> np.ndarray:
     """Blend a normalized map (in [0, 1], or [-1, 1] when ``signed``) over an RGB uint8 image.
 
-    The map is resized to the image, coloured, and mixed as ``(1 - alpha) * image + alpha * colour``.
+    The map is resized to the image, coloured, and mixed as ``(1 - alpha) * image + alpha * colour``; for a
+    signed map the weight is ``alpha * sqrt(|value|)`` per pixel, so a zero leaves the photo unchanged.
     """
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"alpha must be between 0 and 1, got {alpha}")
     height, width = image.shape[:2]
-    colour = colorize(resize_map(heat, height, width), colormap or default_colormap(signed), signed=signed)
-    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * colour.astype(np.float32)
+    resized = resize_map(heat, height, width)
+    colour = colorize(resized, colormap or default_colormap(signed), signed=signed)
+    # a signed map's zero is white in a diverging colormap: weigh the colour by the magnitude instead,
+    # so that no evidence leaves the photo as it is (the square root keeps weak evidence visible)
+    weight = alpha * np.sqrt(np.clip(np.abs(resized), 0.0, 1.0))[:, :, None] if signed else alpha
+    mixed = (1.0 - weight) * image.astype(np.float32) + weight * colour.astype(np.float32)
     return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
 
 
