@@ -12,7 +12,11 @@ LIGHT = {
     "integrated-gradients": {"steps": 4},
     "smoothgrad": {"samples": 3},
     "scorecam": {},
+    "occlusion": {"window": 8, "stride": 8},
+    "rise": {"masks": 24},
 }
+#: On the 224x224 default model: a few large patches are enough to check the contract.
+LIGHT_DEFAULT = {"occlusion": {"window": 112, "stride": 112}}
 
 
 def light(name: str) -> dict:
@@ -31,7 +35,9 @@ def test_contract_on_a_tiny_model_with_inplace_and_functional_relus(name):
 def test_contract_on_the_default_model(name, default_model, default_batch):
     if name == "scorecam":
         pytest.skip("scorecam runs ~500 masked passes per image here; its contract runs on the tiny model")
-    check_method(cnnscope.get_method(name), default_model, default_batch, target="top2", **light(name))
+    check_method(
+        cnnscope.get_method(name), default_model, default_batch, target="top2", **LIGHT_DEFAULT.get(name, light(name))
+    )
 
 
 @pytest.mark.parametrize("name", METHODS)

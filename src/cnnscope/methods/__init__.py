@@ -16,10 +16,12 @@ from .cam import (
     XGradCAM,
 )
 from .gradient import Deconvnet, GradientXInput, GuidedBackprop, IntegratedGradients, Saliency
+from .perturbation import RISE, Occlusion
 from .smoothing import SmoothGrad
 
 __all__ = [
     "CAM",
+    "RISE",
     "AblationCAM",
     "CAMBase",
     "Computed",
@@ -34,6 +36,7 @@ __all__ = [
     "IntegratedGradients",
     "LayerCAM",
     "Method",
+    "Occlusion",
     "Saliency",
     "ScoreCAM",
     "SmoothGrad",

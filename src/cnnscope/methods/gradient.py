@@ -53,6 +53,11 @@ def input_gradients(module, batch: torch.Tensor, targets_of, *, modifier: str | 
     with torch.inference_mode(False), torch.enable_grad():
         with context:
             logits = module(inputs)
+        if not logits.requires_grad:
+            raise MethodError(
+                "this model's outputs carry no gradients (a black-box function, or a forward under no_grad); "
+                "use a perturbation method: occlusion or rise"
+            )
         targets = targets_of(logits)
         k_total = targets.shape[1]
         grads = []

@@ -29,8 +29,9 @@ def load_model(
     arch: str | None = None,
     weights: bool = True,
     trust_pickle: bool = False,
+    outputs: str = "logits",
 ) -> Model:
-    """Get a :class:`Model` from a zoo name, ``"torchvision:NAME"``, a file or an ``nn.Module``.
+    """Get a :class:`Model` from a zoo name, ``"torchvision:NAME"``, a file, an ``nn.Module`` or a function.
 
     - ``"efficientnet_lite0"`` (the default): ImageNet EfficientNet-Lite0, offline.
     - ``"torchvision:resnet50"``: a torchvision architecture with its DEFAULT weights
@@ -39,6 +40,9 @@ def load_model(
       ``"torchvision:NAME"``; loaded with ``weights_only=True``), or a pickled full module
       (``trust_pickle=True`` only: unpickling runs code from the file).
     - an ``nn.Module`` or ``Model``: wrapped as it is, never copied or changed.
+    - any other callable: a black box taking (N, H, W, 3) float32 RGB arrays in [0, 1] and returning
+      (N, classes) scores (``outputs="probabilities"`` if they are already probabilities); for the
+      perturbation methods (occlusion, RISE), e.g. an ONNX Runtime session or a remote service.
 
     ``labels``, ``preprocess`` and ``multilabel`` override what the source provides.
     """
@@ -46,6 +50,8 @@ def load_model(
         loaded = model
     elif isinstance(model, nn.Module):
         loaded = Model(model)
+    elif callable(model) and not isinstance(model, (str, os.PathLike)):
+        loaded = from_function(model, size=(preprocess.size if preprocess else (224, 224)), outputs=outputs)
     elif isinstance(model, (str, os.PathLike)):
         loaded = _from_name_or_path(os.fspath(model), arch=arch, weights=weights, trust_pickle=trust_pickle)
     else:
@@ -61,6 +67,42 @@ def load_model(
         preprocess=preprocess or loaded.preprocess,
         multilabel=loaded.multilabel if multilabel is None else multilabel,
         name=loaded.name,
+        outputs=loaded.outputs,
+    )
+
+
+class FunctionModule(nn.Module):
+    """An nn.Module around a function of numpy images, so a black box runs through the same machinery
+    (no gradients: gradient and CAM methods say so)."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        images = batch.detach().permute(0, 2, 3, 1).float().cpu().numpy()
+        try:
+            scores = np.asarray(self.function(np.ascontiguousarray(images)), dtype=np.float32)
+        except Exception as exc:
+            raise ModelError(f"the scoring function failed: {type(exc).__name__}: {exc}") from None
+        if scores.ndim != 2 or scores.shape[0] != images.shape[0]:
+            raise ModelError(
+                f"the scoring function returned shape {scores.shape} for {images.shape[0]} images; "
+                "it must return (N, classes)"
+            )
+        return torch.from_numpy(scores).to(batch.device)
+
+
+def from_function(function, *, size: tuple[int, int] = (224, 224), outputs: str = "logits") -> Model:
+    """A Model from a function of (N, H, W, 3) [0, 1] float32 arrays to (N, classes) scores."""
+    preprocess = Preprocess(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return Model(
+        FunctionModule(function).eval(),
+        preprocess=preprocess,
+        outputs=outputs,
+        name=getattr(function, "__name__", "function"),
     )
 
 

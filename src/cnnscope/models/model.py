@@ -88,7 +88,11 @@ class Model:
         preprocess: Preprocess | None = None,
         multilabel: bool = False,
         name: str | None = None,
+        outputs: str = "logits",
     ) -> None:
+        if outputs not in ("logits", "probabilities"):
+            raise ModelError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}")
+        self.outputs = outputs
         if not isinstance(module, nn.Module):
             raise ModelError(f"Model needs a torch.nn.Module, got {type(module).__name__}")
         self.module = module
@@ -275,7 +279,10 @@ class Model:
 
     # -- outputs ---------------------------------------------------------------------------------
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over classes, or per-class sigmoid for a multi-label model."""
+        """Softmax over classes, or per-class sigmoid for a multi-label model (as they are when the
+        model already outputs probabilities)."""
+        if self.outputs == "probabilities":
+            return logits.clamp(0, 1)
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,244 @@
+"""Perturbation methods: explain any scoring function by changing the input and watching the score.
+
+They need no gradients and no layers, so they work on any :class:`~cnnscope.models.Model`, including
+one wrapping a plain function from images to scores (``load_model(function, ...)``: an ONNX Runtime
+session, a Keras model, a remote service). Perturbed images are scored under ``inference_mode`` in
+passes of ``images_per_pass`` (default: the allocator-friendly size of :func:`auto_images_per_pass`),
+with a progress line after a second (``quiet=True`` silences it) and ``max_seconds`` to stop early:
+what was computed is returned, with ``stats["stopped_early"]`` set.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import MethodError
+from ..progress import Progress
+from .base import Computed, Method, auto_images_per_pass, register_method
+from .gradient import gaussian_blur
+
+FILLS = ("grey", "mean", "blur", "zero", "noise")
+
+
+class PerturbationMethod(Method):
+    """Shared parts: scoring batches of perturbed inputs, fills, progress and early stop."""
+
+    options: ClassVar[dict[str, object]] = {"images_per_pass": None, "quiet": False, "max_seconds": None}
+    #: "probability" (softmax or sigmoid of the model) or "logit".
+    score_kind: ClassVar[str] = "probability"
+
+    def per_pass(self) -> int:
+        return int(self.config.get("images_per_pass") or auto_images_per_pass(self.model))
+
+    def scores(self, inputs: torch.Tensor, kind: str) -> torch.Tensor:
+        """(N, C) scores of model-input tensors, in passes, without gradients."""
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, inputs.shape[0], self.per_pass()):
+                # channels-last input: 10% faster per image at passes of 5 on the default model, 35% at 16
+                chunk = inputs[start : start + self.per_pass()].contiguous(memory_format=torch.channels_last)
+                logits = self.model.module(chunk)
+                outputs.append(self.model.probabilities(logits) if kind == "probability" else logits)
+        return torch.cat(outputs)
+
+    def base_scores(self, batch: torch.Tensor, kind: str) -> torch.Tensor:
+        """Unperturbed scores image by image, so an image's map does not depend on its batch mates
+        (a batch of N changes the convolution's summation order, and score drops are small differences)."""
+        return torch.cat([self.scores(batch[b : b + 1], kind) for b in range(batch.shape[0])])
+
+    def pixels(self, batch: torch.Tensor) -> torch.Tensor:
+        """Model input -> [0, 1] RGB (the inverse of the normalization)."""
+        return self.model.preprocess.unnormalize(batch)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        preprocess = self.model.preprocess
+        mean = torch.tensor(preprocess.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(preprocess.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+    def fill_for(self, image: torch.Tensor, fill: str, generator: torch.Generator) -> torch.Tensor:
+        """What an occluded pixel becomes, in model-input space, for one (1, 3, H, W) image."""
+        pixels = self.pixels(image)
+        if fill == "grey":
+            return self.normalize(torch.full_like(pixels, 0.5))
+        if fill == "mean":
+            return self.normalize(pixels.mean(dim=(2, 3), keepdim=True).expand_as(pixels))
+        if fill == "blur":
+            return gaussian_blur(image, max(1.0, image.shape[-1] / 32))
+        if fill == "zero":
+            return torch.zeros_like(image)
+        if fill == "noise":
+            return self.normalize(torch.rand(pixels.shape, generator=generator).to(pixels))
+        raise MethodError(f"unknown fill {fill!r}; choose one of {', '.join(FILLS)}")
+
+
+@register_method("occlusion")
+class Occlusion(PerturbationMethod):
+    """Occlusion sensitivity (Zeiler & Fergus 2014; MATLAB's ``occlusionSensitivity``): slide a
+    ``window`` x ``window`` patch with ``stride`` over the image, fill it (``fill``: grey, mean colour,
+    blur, zero in model-input space as Captum's default baseline, or seeded noise) and record how much
+    the target's score drops (``score``: probability or logit). Each pixel gets the average drop over
+    the patches covering it, so the map is at the input's resolution. ``stats["winners"]`` holds, per
+    image, the (rows, columns) grid of the class that wins when each patch is occluded.
+    With ``fill="zero"`` and ``score="logit"`` it is Captum's ``Occlusion`` (baselines 0)."""
+
+    summary = "score drop when a sliding patch is occluded (Zeiler & Fergus 2014)"
+    options: ClassVar[dict[str, object]] = {
+        **PerturbationMethod.options,
+        "window": 32,
+        "stride": 16,
+        "fill": "grey",
+        "score": "probability",
+        "seed": 0,
+    }
+
+    def compute(self, batch: torch.Tensor, resolve) -> Computed:
+        window, stride = int(self.config["window"]), int(self.config["stride"])
+        kind = str(self.config["score"])
+        if kind not in ("probability", "logit"):
+            raise MethodError("score must be 'probability' or 'logit'")
+        height, width = batch.shape[-2:]
+        if not (1 <= window <= min(height, width)) or stride < 1:
+            raise MethodError(f"window must be 1 to {min(height, width)} pixels and stride at least 1")
+        ys = _positions(height, window, stride)
+        xs = _positions(width, window, stride)
+        base = self.base_scores(batch, kind)
+        targets = resolve(self.model.probabilities(base) if kind == "logit" else base)
+        progress = Progress(
+            batch.shape[0] * len(ys) * len(xs),
+            "occlusion",
+            quiet=bool(self.config["quiet"]),
+            max_seconds=self.config["max_seconds"],
+        )
+        maps = torch.zeros((batch.shape[0], targets.shape[1], height, width), device=batch.device)
+        counts = torch.zeros((height, width), device=batch.device)
+        winners, forwards, stopped = [], batch.shape[0], False
+        positions = [(y, x) for y in ys for x in xs]
+        for y, x in positions:
+            counts[y : y + window, x : x + window] += 1
+        generator = torch.Generator().manual_seed(int(self.config["seed"]))
+        for b in range(batch.shape[0]):
+            image = batch[b : b + 1]
+            fill = self.fill_for(image, str(self.config["fill"]), generator)
+            safe = targets[b].clamp_min(0)
+            winner = torch.full((len(ys), len(xs)), -1, dtype=torch.long)
+            per = self.per_pass()
+            for start in range(0, len(positions), per):
+                chunk = positions[start : start + per]
+                occluded = image.repeat(len(chunk), 1, 1, 1)
+                for row, (y, x) in enumerate(chunk):
+                    occluded[row, :, y : y + window, x : x + window] = fill[0, :, y : y + window, x : x + window]
+                scores = self.scores(occluded, kind)
+                forwards += math.ceil(len(chunk) / per)
+                drops = base[b, safe] - scores[:, safe]  # (n, K)
+                for row, (y, x) in enumerate(chunk):
+                    maps[b, :, y : y + window, x : x + window] += drops[row][:, None, None]
+                    winner[ys.index(y), xs.index(x)] = int(scores[row].argmax())
+                progress.update(len(chunk))
+                if progress.should_stop():
+                    stopped = True
+                    break
+            winners.append(winner.tolist())
+            if stopped:
+                break
+        progress.close()
+        maps = maps / counts.clamp_min(1)
+        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
+        return Computed(
+            raw=maps,
+            logits=_as_logits(base, kind),
+            targets=targets,
+            forwards=forwards,
+            extra={"winners": winners, "stopped_early": [stopped] * batch.shape[0]},
+        )
+
+    def is_signed(self) -> bool:
+        return True
+
+
+def _positions(size: int, window: int, stride: int) -> list[int]:
+    """Patch starts covering the whole side (a last patch flush with the edge if the stride misses it)."""
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def _as_logits(scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """Scores in logit form for the Explanation (probabilities -> log, which softmax inverts)."""
+    return scores if kind == "logit" else scores.clamp_min(1e-12).log()
+
+
+@register_method("rise")
+class RISE(PerturbationMethod):
+    """RISE (Petsiuk et al. 2018): ``masks`` random binary ``cells`` x ``cells`` grids (each cell kept
+    with probability ``keep``), upsampled bilinearly to (cells + 1) cell sizes and cropped at a random
+    shift, multiply the image (in pixels, so removed parts go black); the map is the mask average
+    weighted by the target's probability: S = 1 / (N keep) sum_i p(x * M_i) M_i. Seeded."""
+
+    summary = "randomized input sampling: probability-weighted random masks (Petsiuk et al. 2018)"
+    options: ClassVar[dict[str, object]] = {
+        **PerturbationMethod.options,
+        "masks": 4000,
+        "cells": 7,
+        "keep": 0.5,
+        "seed": 0,
+    }
+
+    def masks_for(self, count: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        cells, keep = int(self.config["cells"]), float(self.config["keep"])
+        cell_h, cell_w = math.ceil(height / cells), math.ceil(width / cells)
+        grid = (torch.rand((count, 1, cells, cells), generator=generator) < keep).float()
+        up = F.interpolate(
+            grid, size=((cells + 1) * cell_h, (cells + 1) * cell_w), mode="bilinear", align_corners=False
+        )
+        dy = torch.randint(0, cell_h, (count,), generator=generator)
+        dx = torch.randint(0, cell_w, (count,), generator=generator)
+        return torch.stack([up[i, :, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(count)])
+
+    def compute(self, batch: torch.Tensor, resolve) -> Computed:
+        count = int(self.config["masks"])
+        if count < 1 or not 0 < float(self.config["keep"]) <= 1 or int(self.config["cells"]) < 1:
+            raise MethodError("rise needs masks >= 1, cells >= 1 and 0 < keep <= 1")
+        height, width = batch.shape[-2:]
+        base = self.base_scores(batch, "probability")
+        targets = resolve(base)
+        generator = torch.Generator().manual_seed(int(self.config["seed"]))
+        maps = torch.zeros((batch.shape[0], targets.shape[1], height, width), device=batch.device)
+        progress = Progress(
+            batch.shape[0] * count, "rise", quiet=bool(self.config["quiet"]), max_seconds=self.config["max_seconds"]
+        )
+        forwards, used, stopped = batch.shape[0], [0] * batch.shape[0], False
+        per = self.per_pass()
+        for b in range(batch.shape[0]):
+            pixels = self.pixels(batch[b : b + 1])
+            safe = targets[b].clamp_min(0)
+            local = torch.Generator().manual_seed(int(self.config["seed"]))  # same masks alone or in a batch
+            for start in range(0, count, per):
+                masks = self.masks_for(min(per, count - start), height, width, local).to(batch.device)
+                scores = self.scores(self.normalize(pixels * masks), "probability")[:, safe]  # (n, K)
+                forwards += 1
+                maps[b] += torch.einsum("nk,nhw->khw", scores, masks[:, 0])
+                used[b] += masks.shape[0]
+                progress.update(masks.shape[0])
+                if progress.should_stop():
+                    stopped = True
+                    break
+            if stopped:
+                break
+        progress.close()
+        del generator
+        scale = torch.tensor([max(1, u) for u in used], dtype=maps.dtype, device=maps.device).view(-1, 1, 1, 1)
+        maps = maps / (scale * float(self.config["keep"]))
+        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
+        return Computed(
+            raw=maps,
+            logits=_as_logits(base, "probability"),
+            targets=targets,
+            forwards=forwards,
+            extra={"masks_used": used, "stopped_early": [stopped] * batch.shape[0]},
+        )
