@@ -31,3 +31,4 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev,bench]'
 	$(BIN)/python bench/gradcam.py
 	$(BIN)/python bench/methods.py
+	$(BIN)/python bench/perturbation.py

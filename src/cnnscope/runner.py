@@ -234,3 +234,44 @@ def compare_image(
         )
     figure = comparison_grid(first.images[0], rows, columns, title=f"{name} · {model.name}")
     return figure, summary
+
+
+def faithfulness_report(
+    model: Model,
+    image: np.ndarray,
+    name: str,
+    *,
+    method: str = "gradcam",
+    target: object = "top1",
+    steps: int = 50,
+    fraction: float = 0.1,
+    fill: str = "grey",
+    options: dict | None = None,
+):
+    """Explain one image, then check the map: deletion and insertion curves (AUC), the prediction after
+    removing the top ``fraction`` of the map, and the confidence kept by the evidence alone.
+    Returns (curves Figure, JSON-able summary)."""
+    from .evaluate import deletion_curve, insertion_curve, keep_evidence, remove_evidence
+    from .render.figure import curves_figure
+
+    options = options or {}
+    check_options([method], options)
+    explanation = METHODS.get(method)(model, **options)(image, target, names=[name])
+    batch = model.preprocess([image])
+    class_index = int(explanation.targets[0, 0])
+    saliency = explanation.maps[0, 0]
+    deletion = deletion_curve(model, batch, saliency, class_index, steps=steps)
+    insertion = insertion_curve(model, batch, saliency, class_index, steps=steps)
+    summary = {
+        "image": name,
+        "method": explanation.method,
+        "class_index": class_index,
+        "class_name": short_name(explanation.labels[class_index]),
+        "probability": round(explanation.probability(0, 0), 6),
+        "deletion_auc": round(deletion.auc, 6),
+        "insertion_auc": round(insertion.auc, 6),
+        "remove_top": remove_evidence(model, batch, saliency, class_index, fraction=fraction, fill=fill),
+        "keep_top": keep_evidence(model, batch, saliency, class_index, fraction=max(fraction, 0.2)),
+    }
+    figure = curves_figure([deletion, insertion], title=f"{name} · {explanation.method} · {summary['class_name']}")
+    return figure, summary

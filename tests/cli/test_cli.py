@@ -190,3 +190,15 @@ def test_explain_passes_method_options(capsys, cat_file, tmp_path):
     assert code == 2 and "is not KEY=VALUE" in err
     code, _, err = run(capsys, "explain", str(cat_file), "--option", "stepz=3", "--method", "ig", "-o", str(tmp_path))
     assert code == 2 and "option 'stepz' belongs to none of ig; did you mean 'steps'" in err
+
+
+def test_faithfulness_command(capsys, cat_file, tmp_path):
+    code, out, err = run(capsys, "faithfulness", str(cat_file), "--steps", "6", "-o", str(tmp_path), "--json", "-q")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["class_index"] == 285 and 0 <= summary["deletion_auc"] <= 1 and 0 <= summary["insertion_auc"] <= 1
+    assert summary["remove_top"]["fraction"] == 0.1 and len(summary["keep_top"]["crop_top5"]) == 5
+    with Image.open(summary["file"]) as curves:
+        assert curves.size[0] > 300
+    code, _, err = run(capsys, "faithfulness", str(cat_file), "--fill", "pink", "-o", str(tmp_path))
+    assert code == 2 and "unknown fill 'pink'" in err

@@ -255,6 +255,65 @@ def compare(
     typer.echo(f"grid: {path}")
 
 
+@app.command()
+def faithfulness(
+    image: Annotated[Path, typer.Argument(help="one image file")],
+    method: Annotated[str, typer.Option("--method", help="the method whose map is checked")] = "gradcam",
+    target: Annotated[str | None, typer.Option("--target", "-t", help="class index or name (default: top-1)")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="points on each curve")] = 50,
+    fraction: Annotated[float, typer.Option("--fraction", min=0.001, max=0.999, help="share of the map removed")] = 0.1,
+    fill: Annotated[str, typer.Option("--fill", help="what replaces removed evidence: grey, black, blur")] = "grey",
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("cnnscope-out"),
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="method option KEY=VALUE; repeatable")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Does the map tell the truth? Deletion/insertion AUC, remove-the-evidence and keep-only-the-evidence."""
+    from ..render.figure import figure_png
+    from ..runner import faithfulness_report
+
+    _state["quiet"] = quiet
+    METHODS.get(method)
+    loaded = _load(model, arch, False, False, False, None)
+    picture = load_image(image)
+    figure, summary = faithfulness_report(
+        loaded,
+        picture,
+        image.stem,
+        method=method,
+        target=target or "top1",
+        steps=steps,
+        fraction=fraction,
+        fill=fill,
+        options=parse_options(option or []),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{image.stem}_{summary['method']}_faithfulness.png"
+    path.write_bytes(figure_png(figure))
+    summary["file"] = str(path)
+    if as_json:
+        _print_json(summary)
+        return
+    removed, kept = summary["remove_top"], summary["keep_top"]
+    typer.echo(f"{summary['image']}: {summary['class_name']} ({summary['probability']:.1%}) by {summary['method']}")
+    typer.echo(
+        f"  deletion AUC {summary['deletion_auc']:.3f} (lower is better), insertion AUC "
+        f"{summary['insertion_auc']:.3f} (higher is better)"
+    )
+    after = removed["prediction_after"]
+    typer.echo(
+        f"  without the top {removed['fraction']:.0%}: {removed['probability_after']:.1%}, now "
+        f"{after['class_name']} ({after['probability']:.1%})"
+    )
+    typer.echo(
+        f"  the top {kept['fraction']:.0%} alone keeps {kept['confidence_kept']:.0%} of the confidence; "
+        f"crop top-1 {kept['crop_top5'][0]['class_name']}"
+    )
+    typer.echo(f"curves: {path}")
+
+
 def _run(model: Model, pictures: list, names: list[str], **kwargs) -> dict:
     from ..runner import explain_images
 

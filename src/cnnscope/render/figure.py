@@ -46,3 +46,18 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+def curves_figure(curves, *, title: str = "") -> Figure:
+    """Deletion / insertion curves (``cnnscope.evaluate.Curve``) with their AUC in the legend."""
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    axis = fig.subplots()
+    for curve in curves:
+        axis.plot(curve.fractions, curve.scores, label=f"{curve.kind} (AUC {curve.auc:.3f})")
+    axis.set_xlabel("fraction of pixels removed / inserted, most salient first")
+    axis.set_ylabel("probability of the class")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title, fontsize=9)
+    return fig
