@@ -14,9 +14,10 @@ LIGHT = {
     "scorecam": {},
     "occlusion": {"window": 8, "stride": 8},
     "rise": {"masks": 24},
+    "lime": {"samples": 40, "segments": 8},
 }
 #: On the 224x224 default model: a few large patches are enough to check the contract.
-LIGHT_DEFAULT = {"occlusion": {"window": 112, "stride": 112}}
+LIGHT_DEFAULT = {"occlusion": {"window": 112, "stride": 112}, "lime": {"samples": 30, "segments": 10}}
 
 
 def light(name: str) -> dict:

@@ -102,3 +102,45 @@ def test_remove_and_keep_evidence(quadrant):
     assert kept["box"] == [16, 16, 32, 32]
     with pytest.raises(cnnscope.InputError, match="the map is"):
         remove_evidence(quadrant, image, torch.zeros(8, 8), 3)
+
+
+@pytest.mark.parametrize("segmentation", ["slic", "quickshift", "felzenszwalb"])
+def test_lime_top_superpixel_lies_on_the_evidence(quadrant, segmentation):
+    from cnnscope.methods import LIME
+
+    image = evidence_image(1) * torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)).add(0.6).clamp(
+        0, 1
+    )
+    options = {
+        "slic": {},
+        "quickshift": {"kernel_size": 2, "max_dist": 6},
+        "felzenszwalb": {"scale": 20, "min_size": 10},
+    }
+    # zero fill: the model scores brightness, which a superpixel's mean colour (lime's default fill) keeps
+    method = LIME(
+        quadrant,
+        samples=300,
+        segments=16,
+        segmentation=segmentation,
+        fill="zero",
+        segmentation_options=options[segmentation],
+        quiet=True,
+    )
+    explanation = method(image, 1)
+    heat = explanation.maps[0, 0]
+    top = heat >= heat.max() - 1e-9
+    assert float((top.float() * quadrant_masks(32, 32)[1, 0]).sum() / top.sum()) > 0.5  # the top superpixel overlaps
+    assert 0 < explanation.stats["r2"][0][0] <= 1 and len(explanation.stats["top_positive"][0][0]) == 5
+    again = method(image, 1)
+    assert torch.equal(explanation.raw, again.raw)  # seeded: the same answer every run
+
+
+def test_lime_errors_and_convergence(quadrant):
+    from cnnscope.methods import LIME
+
+    with pytest.raises(MethodError, match="unknown segmentation 'watershed'"):
+        LIME(quadrant, segmentation="watershed", quiet=True)(evidence_image(0), 0)
+    converged = LIME(quadrant, samples=2000, segments=12, converge=True, min_samples=100, quiet=True)(
+        evidence_image(0), 0
+    )
+    assert converged.stats["samples_used"][0] < 2000

@@ -16,11 +16,12 @@ from .cam import (
     XGradCAM,
 )
 from .gradient import Deconvnet, GradientXInput, GuidedBackprop, IntegratedGradients, Saliency
-from .perturbation import RISE, Occlusion
+from .perturbation import LIME, RISE, Occlusion
 from .smoothing import SmoothGrad
 
 __all__ = [
     "CAM",
+    "LIME",
     "RISE",
     "AblationCAM",
     "CAMBase",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -242,3 +243,167 @@ class RISE(PerturbationMethod):
             forwards=forwards,
             extra={"masks_used": used, "stopped_early": [stopped] * batch.shape[0]},
         )
+
+
+SEGMENTATIONS = ("slic", "quickshift", "felzenszwalb")
+
+
+def superpixels(pixels: np.ndarray, how: str, segments: int, options: dict) -> np.ndarray:
+    """(H, W) labels 0..S-1 of scikit-image superpixels on an (H, W, 3) [0, 1] image."""
+    from skimage import segmentation
+
+    if how == "slic":
+        labels = segmentation.slic(pixels, n_segments=segments, start_label=0, **{"compactness": 10, **options})
+    elif how == "quickshift":
+        labels = segmentation.quickshift(pixels, **{"kernel_size": 4, "max_dist": 200, "ratio": 0.2, **options})
+    elif how == "felzenszwalb":
+        labels = segmentation.felzenszwalb(pixels, **{"scale": 100, "sigma": 0.5, "min_size": 50, **options})
+    else:
+        raise MethodError(f"unknown segmentation {how!r}; choose one of {', '.join(SEGMENTATIONS)}")
+    _, dense = np.unique(labels, return_inverse=True)
+    return dense.reshape(labels.shape)
+
+
+def weighted_ridge(features: np.ndarray, targets: np.ndarray, weights: np.ndarray, alpha: float):
+    """Ridge regression with an intercept, weighted: (coefficients (S, K), intercepts (K,), weighted R^2 (K,))."""
+    w = weights / weights.sum()
+    mean_x = w @ features
+    mean_y = w @ targets
+    xc, yc = features - mean_x, targets - mean_y
+    gram = xc.T @ (xc * w[:, None]) + alpha / len(w) * np.eye(features.shape[1])
+    coefficients = np.linalg.solve(gram, xc.T @ (yc * w[:, None]))
+    predicted = xc @ coefficients
+    residual = (w[:, None] * (yc - predicted) ** 2).sum(axis=0)
+    total = (w[:, None] * yc**2).sum(axis=0)
+    r2 = 1 - residual / np.where(total > 0, total, 1)
+    return coefficients, mean_y - mean_x @ coefficients, r2
+
+
+@register_method("lime")
+class LIME(PerturbationMethod):
+    """LIME for images (Ribeiro et al. 2016): superpixels (``segmentation``: slic, quickshift or
+    felzenszwalb from scikit-image, ``segments`` and ``segmentation_options``) are switched off at random
+    (replaced by ``fill``: each superpixel's mean colour, as the ``lime`` package, or grey/blur/zero) in
+    ``samples`` perturbed images; a ridge regression (``alpha``) weighted by the kernel
+    sqrt(exp(-d^2 / width^2)) on the cosine distance d to the full image fits the target's probability.
+    The map gives each pixel its superpixel's coefficient (signed); ``stats`` holds the fit's weighted
+    R^2 and the top positive and negative superpixels.
+
+    Seeded (``seed``): the same call gives the same answer, unlike the ``lime`` package. With
+    ``converge=True`` the samples stop once the set of the top ``top`` superpixels has not changed for
+    three batches of 50 samples (after ``min_samples``); ``stats["samples_used"]`` says how many were
+    used. It is off by default: on the sample photos it stopped at 400-700 samples but kept the full
+    run's top 5 on only one or two of the four sample photos."""
+
+    summary = "local linear surrogate over superpixels (Ribeiro et al. 2016), seeded"
+    options: ClassVar[dict[str, object]] = {
+        **PerturbationMethod.options,
+        "samples": 1000,
+        "segmentation": "slic",
+        "segments": 50,
+        "segmentation_options": None,
+        "fill": "mean",
+        "kernel_width": 0.25,
+        "alpha": 1.0,
+        "seed": 0,
+        "converge": False,
+        "min_samples": 300,
+        "top": 5,
+    }
+
+    def is_signed(self) -> bool:
+        return True
+
+    def compute(self, batch: torch.Tensor, resolve) -> Computed:
+        base = self.base_scores(batch, "probability")
+        targets = resolve(base)
+        height, width = batch.shape[-2:]
+        maps = torch.zeros((batch.shape[0], targets.shape[1], height, width), device=batch.device)
+        extra = {"r2": [], "top_positive": [], "top_negative": [], "samples_used": [], "stopped_early": []}
+        forwards = batch.shape[0]
+        progress = Progress(
+            batch.shape[0] * int(self.config["samples"]),
+            "lime",
+            quiet=bool(self.config["quiet"]),
+            max_seconds=self.config["max_seconds"],
+        )
+        for b in range(batch.shape[0]):
+            coefficients, r2, used, passes, stopped = self._explain_one(batch[b : b + 1], targets[b], progress)
+            forwards += passes
+            labels = self._labels
+            maps[b] = torch.from_numpy(coefficients.T[:, labels]).float().to(batch.device)
+            top = int(self.config["top"])
+            extra["r2"].append([float(v) for v in r2])
+            extra["top_positive"].append(
+                [np.argsort(-coefficients[:, k])[:top].tolist() for k in range(coefficients.shape[1])]
+            )
+            extra["top_negative"].append(
+                [np.argsort(coefficients[:, k])[:top].tolist() for k in range(coefficients.shape[1])]
+            )
+            extra["samples_used"].append(used)
+            extra["stopped_early"].append(stopped)
+        progress.close()
+        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
+        return Computed(
+            raw=maps, logits=_as_logits(base, "probability"), targets=targets, forwards=forwards, extra=extra
+        )
+
+    def _explain_one(self, image: torch.Tensor, targets: torch.Tensor, progress: Progress):
+        pixels = self.pixels(image)[0].permute(1, 2, 0).cpu().numpy().astype(np.float64)
+        labels = superpixels(
+            pixels,
+            str(self.config["segmentation"]),
+            int(self.config["segments"]),
+            dict(self.config["segmentation_options"] or {}),
+        )
+        self._labels = labels
+        count = int(labels.max()) + 1
+        label_tensor = torch.from_numpy(labels).to(image.device)
+        if self.config["fill"] == "mean":
+            sums = torch.zeros((count, 3), dtype=image.dtype, device=image.device)
+            sums.index_add_(0, label_tensor.flatten(), image[0].flatten(1).T)
+            sizes = torch.bincount(label_tensor.flatten(), minlength=count).clamp_min(1)
+            fill = (sums / sizes[:, None])[label_tensor].permute(2, 0, 1).unsqueeze(0)
+        else:
+            fill = self.fill_for(
+                image, str(self.config["fill"]), torch.Generator().manual_seed(int(self.config["seed"]))
+            )
+        generator = np.random.default_rng(int(self.config["seed"]))
+        total = int(self.config["samples"])
+        switches = generator.integers(0, 2, size=(total, count)).astype(np.float64)
+        switches[0] = 1.0  # the first sample is the image itself, as in the lime package
+        safe = targets.clamp_min(0)
+        scores = np.zeros((total, len(safe)))
+        per = self.per_pass()
+        used, passes, stopped, history = 0, 0, False, []
+        coefficients = np.zeros((count, len(safe)))
+        r2 = np.zeros(len(safe))
+        while used < total:
+            chunk = switches[used : used + max(per, 50)]
+            on = torch.from_numpy(chunk).float().to(image.device)[:, label_tensor]  # (n, H, W)
+            perturbed = torch.where(on[:, None] > 0, image, fill)
+            scores[used : used + len(chunk)] = self.scores(perturbed, "probability")[:, safe].cpu().numpy()
+            passes += -(-len(chunk) // per)
+            used += len(chunk)
+            progress.update(len(chunk))
+            if self.config["converge"] and used >= int(self.config["min_samples"]):
+                coefficients, r2 = self._fit(switches[:used], scores[:used])
+                top = int(self.config["top"])
+                history.append([frozenset(np.argsort(-coefficients[:, k])[:top].tolist()) for k in range(len(safe))])
+                if len(history) >= 3 and history[-1] == history[-2] == history[-3]:
+                    break
+            if progress.should_stop():
+                stopped = True
+                break
+        if not self.config["converge"] or used >= total or stopped:
+            coefficients, r2 = self._fit(switches[:used], scores[:used])
+        return coefficients, r2, used, passes, stopped
+
+    def _fit(self, switches: np.ndarray, scores: np.ndarray):
+        distances = 1.0 - (switches @ np.ones(switches.shape[1])) / (
+            np.linalg.norm(switches, axis=1) * np.sqrt(switches.shape[1]) + 1e-12
+        )
+        width = float(self.config["kernel_width"])
+        kernel = np.sqrt(np.exp(-(distances**2) / width**2))
+        coefficients, _, r2 = weighted_ridge(switches, scores, kernel, float(self.config["alpha"]))
+        return coefficients, r2
