@@ -15,6 +15,7 @@ LIGHT = {
     "occlusion": {"window": 8, "stride": 8},
     "rise": {"masks": 24},
     "lime": {"samples": 40, "segments": 8},
+    "patches": {"grid": 2},
 }
 #: On the 224x224 default model: a few large patches are enough to check the contract.
 LIGHT_DEFAULT = {"occlusion": {"window": 112, "stride": 112}, "lime": {"samples": 30, "segments": 10}}

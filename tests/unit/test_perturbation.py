@@ -144,3 +144,35 @@ def test_lime_errors_and_convergence(quadrant):
         evidence_image(0), 0
     )
     assert converged.stats["samples_used"][0] < 2000
+
+
+def test_patch_scoring_finds_the_patch_with_the_evidence(quadrant):
+    from cnnscope.methods import PatchScoring
+
+    image = evidence_image(2)
+    explanation = PatchScoring(quadrant, grid=2, quiet=True)(image, 2)
+    grid = explanation.stats["patch_scores"][0]
+    # each patch is resized to the input on its own: only the bottom-left one is bright in class 2's quadrant
+    assert max(range(4), key=lambda i: grid[i // 2][i % 2]) == 2
+    x, y = explanation.peak()
+    assert quadrant_masks(32, 32)[2, 0][y, x] == 1
+    overlapping = PatchScoring(quadrant, grid=4, overlap=0.5, quiet=True)(image, 2)
+    assert overlapping.raw.shape == (1, 1, 32, 32)
+
+
+def test_synthetic_shapes_are_seeded_with_masks_and_a_spurious_cue():
+    from cnnscope.data import SpuriousCue, make_shapes
+
+    first = make_shapes(40, size=48, seed=5, spurious=SpuriousCue(class_index=1, probability=1.0, elsewhere=0.0))
+    again = make_shapes(40, size=48, seed=5, spurious=SpuriousCue(class_index=1, probability=1.0, elsewhere=0.0))
+    assert np.array_equal(first.images, again.images) and np.array_equal(first.labels, again.labels)
+    assert np.bincount(first.labels).tolist() == [10, 10, 10, 10]
+    assert (first.has_cue == (first.labels == 1)).all()  # the cue marks class 1 exactly here
+    assert all(first.masks[i].sum() > 40 for i in range(40))  # every image has its object
+    assert not (first.masks & first.cue_masks).any()
+    cue = first.cue_masks[first.labels == 1][0]
+    assert cue[-3, 3] and not cue[3, 3]  # bottom-left corner
+    image, label, mask = first[0]
+    assert image.shape == (48, 48, 3) and mask.shape == (48, 48) and label == first.labels[0]
+    with pytest.raises(cnnscope.InputError, match="classes must be at least two of"):
+        make_shapes(4, classes=["circle", "hexagon"])

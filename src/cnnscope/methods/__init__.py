@@ -16,7 +16,7 @@ from .cam import (
     XGradCAM,
 )
 from .gradient import Deconvnet, GradientXInput, GuidedBackprop, IntegratedGradients, Saliency
-from .perturbation import LIME, RISE, Occlusion
+from .perturbation import LIME, RISE, Occlusion, PatchScoring
 from .smoothing import SmoothGrad
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "LayerCAM",
     "Method",
     "Occlusion",
+    "PatchScoring",
     "Saliency",
     "ScoreCAM",
     "SmoothGrad",

@@ -407,3 +407,60 @@ class LIME(PerturbationMethod):
         kernel = np.sqrt(np.exp(-(distances**2) / width**2))
         coefficients, _, r2 = weighted_ridge(switches, scores, kernel, float(self.config["alpha"]))
         return coefficients, r2
+
+
+@register_method("patches")
+class PatchScoring(PerturbationMethod):
+    """Patch scoring (the multiple-instance view of histopathology): the image is cut into a ``grid`` x
+    ``grid`` of patches (overlapping when ``overlap`` > 0, as a fraction of a patch), each patch is
+    resized to the model input and classified on its own, and each pixel gets the target's probability
+    averaged over the patches that contain it. ``stats["patch_scores"]`` holds the (rows, columns) grid
+    of each image's first target."""
+
+    summary = "each patch classified on its own; the map is the target's probability per patch"
+    options: ClassVar[dict[str, object]] = {**PerturbationMethod.options, "grid": 4, "overlap": 0.0}
+
+    def compute(self, batch: torch.Tensor, resolve) -> Computed:
+        grid, overlap = int(self.config["grid"]), float(self.config["overlap"])
+        if grid < 1 or not 0 <= overlap < 1:
+            raise MethodError("patches needs grid >= 1 and 0 <= overlap < 1")
+        height, width = batch.shape[-2:]
+        patch_h, patch_w = math.ceil(height / grid), math.ceil(width / grid)
+        step_h = max(1, round(patch_h * (1 - overlap)))
+        step_w = max(1, round(patch_w * (1 - overlap)))
+        ys, xs = _positions(height, patch_h, step_h), _positions(width, patch_w, step_w)
+        base = self.base_scores(batch, "probability")
+        targets = resolve(base)
+        maps = torch.zeros((batch.shape[0], targets.shape[1], height, width), device=batch.device)
+        counts = torch.zeros((height, width), device=batch.device)
+        for y in ys:
+            for x in xs:
+                counts[y : y + patch_h, x : x + patch_w] += 1
+        grids, forwards = [], batch.shape[0]
+        for b in range(batch.shape[0]):
+            crops = torch.cat(
+                [
+                    F.interpolate(
+                        batch[b : b + 1, :, y : y + patch_h, x : x + patch_w],
+                        size=(height, width),
+                        mode="bilinear",
+                        align_corners=False,
+                    )
+                    for y in ys
+                    for x in xs
+                ]
+            )
+            scores = self.scores(crops, "probability")[:, targets[b].clamp_min(0)]  # (patches, K)
+            forwards += math.ceil(crops.shape[0] / self.per_pass())
+            for index, (y, x) in enumerate((y, x) for y in ys for x in xs):
+                maps[b, :, y : y + patch_h, x : x + patch_w] += scores[index][:, None, None]
+            grids.append(scores[:, 0].view(len(ys), len(xs)).tolist())
+        maps = maps / counts.clamp_min(1)
+        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
+        return Computed(
+            raw=maps,
+            logits=_as_logits(base, "probability"),
+            targets=targets,
+            forwards=forwards,
+            extra={"patch_scores": grids},
+        )
