@@ -176,3 +176,24 @@ def test_synthetic_shapes_are_seeded_with_masks_and_a_spurious_cue():
     assert image.shape == (48, 48, 3) and mask.shape == (48, 48) and label == first.labels[0]
     with pytest.raises(cnnscope.InputError, match="classes must be at least two of"):
         make_shapes(4, classes=["circle", "hexagon"])
+
+
+def test_bf16_path_is_checked_against_fp32(default_model, chelsea, quadrant):
+    from cnnscope.methods import LIME
+
+    fast = Occlusion(default_model, window=112, stride=56, precision="bf16", quiet=True)(chelsea, 285)
+    exact = Occlusion(default_model, window=112, stride=56, quiet=True)(chelsea, 285)
+    assert fast.stats["precision"] == ["bf16"] and exact.stats["precision"] == ["fp32"]
+    assert torch.corrcoef(torch.stack([fast.raw.flatten(), exact.raw.flatten()]))[0, 1] > 0.95
+    lime_fast = LIME(default_model, samples=200, segments=20, precision="bf16", quiet=True)(chelsea, 285)
+    lime_exact = LIME(default_model, samples=200, segments=20, quiet=True)(chelsea, 285)
+    assert set(lime_fast.stats["top_positive"][0][0][:3]) == set(lime_exact.stats["top_positive"][0][0][:3])
+    LIME.BF16_TOLERANCE, saved = -1.0, LIME.BF16_TOLERANCE  # any difference is too much: falls back
+    try:
+        with pytest.warns(cnnscope.CnnscopeWarning, match="using fp32"):
+            fallback = LIME(quadrant, samples=20, segments=4, precision="bf16", quiet=True)(evidence_image(0), 0)
+        assert fallback.stats["precision"] == ["fp32"]
+    finally:
+        LIME.BF16_TOLERANCE = saved
+    with pytest.raises(MethodError, match="precision must be"):
+        Occlusion(quadrant, precision="fp16", quiet=True)(evidence_image(0), 0)

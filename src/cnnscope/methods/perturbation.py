@@ -28,28 +28,74 @@ FILLS = ("grey", "mean", "blur", "zero", "noise")
 class PerturbationMethod(Method):
     """Shared parts: scoring batches of perturbed inputs, fills, progress and early stop."""
 
-    options: ClassVar[dict[str, object]] = {"images_per_pass": None, "quiet": False, "max_seconds": None}
+    options: ClassVar[dict[str, object]] = {
+        "images_per_pass": None,
+        "quiet": False,
+        "max_seconds": None,
+        "precision": "fp32",
+    }
+    #: Largest difference in any class probability, on the unperturbed images, that lets bf16 be used.
+    BF16_TOLERANCE: ClassVar[float] = 0.02
     #: "probability" (softmax or sigmoid of the model) or "logit".
     score_kind: ClassVar[str] = "probability"
 
     def per_pass(self) -> int:
         return int(self.config.get("images_per_pass") or auto_images_per_pass(self.model))
 
-    def scores(self, inputs: torch.Tensor, kind: str) -> torch.Tensor:
+    def scores(self, inputs: torch.Tensor, kind: str, *, precision: str | None = None) -> torch.Tensor:
         """(N, C) scores of model-input tensors, in passes, without gradients."""
+        precision = precision or self._precision
         outputs = []
         with torch.inference_mode():
             for start in range(0, inputs.shape[0], self.per_pass()):
                 # channels-last input: 10% faster per image at passes of 5 on the default model, 35% at 16
                 chunk = inputs[start : start + self.per_pass()].contiguous(memory_format=torch.channels_last)
-                logits = self.model.module(chunk)
+                if precision == "bf16":
+                    with torch.autocast(chunk.device.type, dtype=torch.bfloat16):
+                        logits = self.model.module(chunk).float()
+                else:
+                    logits = self.model.module(chunk)
                 outputs.append(self.model.probabilities(logits) if kind == "probability" else logits)
         return torch.cat(outputs)
 
+    _precision = "fp32"
+
     def base_scores(self, batch: torch.Tensor, kind: str) -> torch.Tensor:
         """Unperturbed scores image by image, so an image's map does not depend on its batch mates
-        (a batch of N changes the convolution's summation order, and score drops are small differences)."""
-        return torch.cat([self.scores(batch[b : b + 1], kind) for b in range(batch.shape[0])])
+        (a batch of N changes the convolution's summation order, and score drops are small differences).
+
+        With ``precision="bf16"`` (about 2x faster on CPUs with bf16 instructions) the unperturbed images
+        are also scored in bf16 and compared with fp32: if any class probability moves by more than
+        ``BF16_TOLERANCE`` the call falls back to fp32 with a warning. The fp32 scores are the reference
+        either way."""
+        precision = str(self.config.get("precision", "fp32"))
+        if precision not in ("fp32", "bf16"):
+            raise MethodError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        reference = torch.cat([self.scores(batch[b : b + 1], kind, precision="fp32") for b in range(batch.shape[0])])
+        self._precision = "fp32"
+        if precision == "bf16":
+            reduced = torch.cat(
+                [self.scores(batch[b : b + 1], "probability", precision="bf16") for b in range(batch.shape[0])]
+            )
+            exact = reference if kind == "probability" else self.model.probabilities(reference)
+            gap = float((reduced - exact).abs().max())
+            if gap > self.BF16_TOLERANCE:
+                import warnings
+
+                from ..errors import CnnscopeWarning
+
+                warnings.warn(
+                    f"{self.name}: bf16 moves a class probability by {gap:.3f} on these images "
+                    f"(more than {self.BF16_TOLERANCE}); using fp32",
+                    CnnscopeWarning,
+                    stacklevel=4,
+                )
+            else:
+                self._precision = "bf16"
+        return reference
+
+    def _precision_used(self, batch: torch.Tensor) -> dict:
+        return {"precision": [self._precision] * batch.shape[0]}
 
     def pixels(self, batch: torch.Tensor) -> torch.Tensor:
         """Model input -> [0, 1] RGB (the inverse of the normalization)."""
@@ -154,7 +200,7 @@ class Occlusion(PerturbationMethod):
             logits=_as_logits(base, kind),
             targets=targets,
             forwards=forwards,
-            extra={"winners": winners, "stopped_early": [stopped] * batch.shape[0]},
+            extra={"winners": winners, "stopped_early": [stopped] * batch.shape[0], **self._precision_used(batch)},
         )
 
     def is_signed(self) -> bool:
@@ -241,7 +287,7 @@ class RISE(PerturbationMethod):
             logits=_as_logits(base, "probability"),
             targets=targets,
             forwards=forwards,
-            extra={"masks_used": used, "stopped_early": [stopped] * batch.shape[0]},
+            extra={"masks_used": used, "stopped_early": [stopped] * batch.shape[0], **self._precision_used(batch)},
         )
 
 
@@ -319,7 +365,14 @@ class LIME(PerturbationMethod):
         targets = resolve(base)
         height, width = batch.shape[-2:]
         maps = torch.zeros((batch.shape[0], targets.shape[1], height, width), device=batch.device)
-        extra = {"r2": [], "top_positive": [], "top_negative": [], "samples_used": [], "stopped_early": []}
+        extra = {
+            "r2": [],
+            "top_positive": [],
+            "top_negative": [],
+            "samples_used": [],
+            "stopped_early": [],
+            **self._precision_used(batch),
+        }
         forwards = batch.shape[0]
         progress = Progress(
             batch.shape[0] * int(self.config["samples"]),
@@ -462,5 +515,5 @@ class PatchScoring(PerturbationMethod):
             logits=_as_logits(base, "probability"),
             targets=targets,
             forwards=forwards,
-            extra={"patch_scores": grids},
+            extra={"patch_scores": grids, **self._precision_used(batch)},
         )
