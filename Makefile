@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 
 test: lint
+	@scripts/ensure-chromium
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

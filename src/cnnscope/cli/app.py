@@ -314,6 +314,28 @@ def faithfulness(
     typer.echo(f"curves: {path}")
 
 
+@app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option("--host", help="address to bind (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    running: Annotated[int, typer.Option("--running", min=1, help="explanations computed at once")] = 1,
+    waiting: Annotated[int, typer.Option("--waiting", min=0, help="requests in line before 503")] = 4,
+) -> None:
+    """The web page: upload an image, see the top-5, explain any class with any method."""
+    try:
+        import uvicorn
+
+        from ..web import create_app
+    except ImportError as exc:
+        raise InputError(
+            f"the web page needs the web extra ({exc.name} is missing): pip install 'cnnscope[web]'"
+        ) from None
+    application = create_app(model, running=running, waiting=waiting)
+    typer.echo(f"cnnscope: serving {model} on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
 def _run(model: Model, pictures: list, names: list[str], **kwargs) -> dict:
     from ..runner import explain_images
 

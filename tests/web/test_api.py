@@ -1,0 +1,124 @@
+"""The JSON API through FastAPI's TestClient."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from cnnscope.web import create_app
+from cnnscope.web.limits import AdmissionLimit, Busy
+
+
+@pytest.fixture(scope="module")
+def client():
+    return TestClient(create_app(max_upload_bytes=2 * 2**20, max_pixels=5_000_000), raise_server_exceptions=False)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_lists_come_from_the_registries(client):
+    methods = {m["name"]: m for m in client.get("/api/methods").json()}
+    assert {"gradcam", "scorecam", "occlusion", "lime"} <= set(methods)
+    assert methods["integrated-gradients"]["options"]["steps"] == 50
+    models = client.get("/api/models").json()
+    assert models["default"] == "efficientnet_lite0" and "chelsea" in models["samples"]
+    labels = client.get("/api/labels").json()["labels"]
+    assert labels[285] == "Egyptian cat" and len(labels) == 1000
+    assert client.get("/api/samples/coffee").headers["content-type"] == "image/png"
+
+
+def test_predict_a_sample_and_an_upload(client):
+    body = client.post("/api/predict", data={"sample": "chelsea"}).json()
+    assert body["predictions"][0]["class_index"] == 285 and len(body["predictions"]) == 5
+    from cnnscope.samples import sample_image
+
+    upload = client.post("/api/predict", files={"image": ("whatever.txt", png(sample_image("coffee")), "text/plain")})
+    assert upload.json()["predictions"][0]["class_index"] == 967  # content sniffed, name ignored
+
+
+def test_explain_a_class_outside_the_top5_with_raw_maps(client):
+    response = client.post("/api/explain", data={"sample": "chelsea", "method": "gradcam", "target": "tench,285"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [m["class_index"] for m in body["maps"]] == [0, 285] and body["layer"] == "_swish@1"
+    first = body["maps"][1]
+    raw = np.frombuffer(base64.b64decode(first["raw_float16"]), dtype="<f2").reshape(first["raw_shape"])
+    assert raw.shape == (224, 224) and raw.max() > 0
+    heat = Image.open(io.BytesIO(base64.b64decode(first["heatmap_png"])))
+    assert heat.size == (451, 300)  # the original image's size
+    assert body["top5"][0]["class_index"] == 285
+
+
+def test_method_options_and_multilabel(client):
+    body = client.post(
+        "/api/explain", data={"sample": "coffee", "method": "ig", "options": '{"steps": 4}', "multilabel": "true"}
+    ).json()
+    assert body["method"] == "integrated-gradients" and body["stats"]["forwards"] >= 2
+    assert 0 < body["maps"][0]["probability"] < 1
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"sample": "chelsea", "method": "gradcm"}, "did you mean 'gradcam'"),
+        ({"sample": "chelsea", "target": "egyptian cats"}, "did you mean 'egyptian cat'"),
+        ({"sample": "chelsea", "model": "resnet9000"}, "unknown model 'resnet9000'"),
+        ({"sample": "../../etc/passwd"}, "unknown sample"),
+        ({"sample": "chelsea", "options": "[1, 2]"}, "options must be a JSON object"),
+        ({"sample": "chelsea", "options": '{"stepz": 3}', "method": "ig"}, "did you mean 'steps'"),
+        ({"sample": "chelsea", "colormap": "rainbow"}, "unknown colormap"),
+        ({}, "no image"),
+    ],
+)
+def test_bad_requests_are_4xx_json_with_a_message(client, data, fragment):
+    response = client.post("/api/explain", data=data)
+    assert 400 <= response.status_code < 500
+    assert fragment in response.json()["error"] and "Traceback" not in response.text
+
+
+def test_uploads_that_are_not_images_too_large_or_malformed(client):
+    not_image = client.post("/api/predict", files={"image": ("cat.jpg", b"hello, I am text", "image/jpeg")})
+    assert not_image.status_code == 400 and "is not an image" in not_image.json()["error"]
+    huge = client.post("/api/predict", files={"image": ("big.png", b"\\x89PNG" + b"0" * (3 * 2**20), "image/png")})
+    assert huge.status_code == 413 and "over the limit" in huge.json()["error"]
+    bomb = client.post(
+        "/api/predict", files={"image": ("wide.png", png(np.zeros((10, 600_000 // 10 * 10), np.uint8)), "image/png")}
+    )
+    assert bomb.status_code in (400, 413)
+    malformed = client.post(
+        "/api/explain", content=b"--xx\\r\\nnot multipart", headers={"content-type": "multipart/form-data; boundary=xx"}
+    )
+    assert 400 <= malformed.status_code < 500
+    assert "error" in malformed.json()
+
+
+def test_admission_limit_answers_busy():
+    import asyncio
+
+    async def scenario():
+        limit = AdmissionLimit(running=1, waiting=1)
+        async with limit.slot():
+            entered = asyncio.Event()
+
+            async def second():
+                async with limit.slot():
+                    entered.set()
+
+            task = asyncio.create_task(second())
+            await asyncio.sleep(0)
+            with pytest.raises(Busy):
+                async with limit.slot():
+                    pass
+        await task
+        return entered.is_set()
+
+    assert asyncio.run(scenario())

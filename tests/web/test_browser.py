@@ -1,0 +1,99 @@
+"""The page in a real browser: Playwright driving Debian's Chromium, headless, off the network."""
+
+import io
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+uvicorn = pytest.importorskip("uvicorn")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+pytestmark = pytest.mark.skipif(
+    not shutil.which("chromium"), reason="Debian's chromium is not installed (make test installs it)"
+)
+
+
+@pytest.fixture(scope="module")
+def server():
+    from cnnscope.web import create_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not instance.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with playwright_api.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.goto(server)
+        page.wait_for_selector("#sample option[value=chelsea]", state="attached")
+        yield page
+        browser.close()
+
+
+def test_sample_top5_any_class_method_slider_and_screenshot(page, tmp_path):
+    page.select_option("#sample", "chelsea")
+    page.wait_for_function("document.querySelectorAll('#top5 li').length === 5")
+    assert "Egyptian cat" in page.inner_text("#top5 li:first-child")
+    page.wait_for_function("document.querySelector('#caption').textContent.includes('Egyptian cat')")
+    page.fill("#classSearch", "tench, Tinca tinca")
+    page.click("#explainClass")
+    page.wait_for_function("document.querySelector('#caption').textContent.includes('tench')")  # not in the top-5
+    page.select_option("#method", "gradcam++")
+    page.wait_for_function("document.querySelector('#caption').textContent.startsWith('gradcam++')")
+    page.eval_on_selector("#opacity", "el => { el.value = '0.8'; el.dispatchEvent(new Event('input')); }")
+    assert page.eval_on_selector("#heat", "el => el.style.opacity") == "0.8"
+    shot = tmp_path / "page.png"
+    page.locator("#stage").screenshot(path=str(shot))
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.shape[0] > 100 and pixels.std() > 20  # a photo with a heatmap, not a blank box
+
+
+def test_upload_and_bad_file_messages(page, tmp_path):
+    from cnnscope.samples import sample_image
+
+    good = tmp_path / "coffee.png"
+    Image.fromarray(sample_image("coffee")).save(good)
+    page.set_input_files("#file", str(good))
+    page.wait_for_function(
+        "document.querySelector('#top5 li') && document.querySelector('#top5 li').textContent.includes('espresso')"
+    )
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(io.BytesIO(b"plain text, not an image").getvalue())
+    page.set_input_files("#file", str(bad))
+    page.wait_for_function("document.querySelector('#message').textContent.includes('not an image')")
+
+
+def test_compare_methods_side_by_side(page):
+    page.select_option("#sample", "coffee")
+    page.wait_for_function("document.querySelector('#caption').textContent.includes('espresso')")
+    page.click("#compare")
+    page.wait_for_function("document.querySelectorAll('#panels figure').length === 3", timeout=60000)
