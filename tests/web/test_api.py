@@ -54,7 +54,9 @@ def test_explain_a_class_outside_the_top5_with_raw_maps(client):
     raw = np.frombuffer(base64.b64decode(first["raw_float16"]), dtype="<f2").reshape(first["raw_shape"])
     assert raw.shape == (224, 224) and raw.max() > 0
     heat = Image.open(io.BytesIO(base64.b64decode(first["heatmap_png"])))
-    assert heat.size == (451, 300)  # the original image's size
+    assert heat.size == (224, 224) and "overlay_png" not in first  # the page stretches it over the photo
+    blended = client.post("/api/explain", data={"sample": "chelsea", "overlay": "true"}).json()["maps"][0]
+    assert Image.open(io.BytesIO(base64.b64decode(blended["overlay_png"]))).size == (451, 300)  # the original
     assert body["top5"][0]["class_index"] == 285
 
 

@@ -30,7 +30,7 @@ from ..io import load_image
 from ..models import DEFAULT_MODEL, Model, load_model
 from ..models.labels import short_name
 from ..render.colormaps import DIVERGING, SEQUENTIAL, colorize, default_colormap
-from ..render.overlay import png_bytes, resize_map
+from ..render.overlay import png_bytes
 from ..runner import check_options
 from ..samples import SAMPLES, sample_image
 from .limits import AdmissionLimit, Busy
@@ -194,10 +194,11 @@ def create_app(
         summary="Maps of chosen classes by a chosen method",
         description=(
             "Targets: 'top1', 'top5', class indices or names, comma-separated. Options: a JSON object of "
-            "the method's options (GET /api/methods). Each map comes as a heatmap PNG at the image's size "
-            "(colour only; overlay it with any opacity), a blended overlay PNG, and the raw map: "
-            "base64 of little-endian float16 values, row-major, shape [height, width] at the model "
-            "input's resolution, with the sign and scale the method computed."
+            "the method's options (GET /api/methods). Each map comes as a heatmap PNG at the model input's "
+            "resolution (colour only: stretch it over the image with any opacity), the raw map (base64 of "
+            "little-endian float16 values, row-major, shape raw_shape = [height, width] at the model input's "
+            "resolution, with the sign and scale the method computed) and, with overlay=true, the heatmap "
+            "blended over the original image as a PNG at the image's size."
         ),
     )
     async def explain(
@@ -210,7 +211,8 @@ def create_app(
         colormap: Annotated[str | None, Form()] = None,
         alpha: Annotated[float, Form(ge=0.0, le=1.0)] = 0.5,
         multilabel: Annotated[bool, Form()] = False,
-    ) -> dict:
+        overlay: Annotated[bool, Form()] = False,
+    ) -> JSONResponse:
         cls = METHODS.get(method)
         try:
             parsed = json.loads(options or "{}")
@@ -236,31 +238,28 @@ def create_app(
 
         async with admission.slot():
             explanation = await run_in_threadpool(run)
-        height, width = picture.shape[:2]
         normalized = explanation.normalized()
         maps = []
         for i, k in explanation.items():
             index = int(explanation.targets[i, k])
-            heat = resize_map(normalized[i, k].numpy(), height, width)
             cmap = colormap or default_colormap(explanation.signed)
             raw = explanation.maps[i, k].numpy().astype("<f2")
-            maps.append(
-                {
-                    "class_index": index,
-                    "class_name": short_name(explanation.labels[index]),
-                    "probability": explanation.probability(i, k),
-                    "peak": list(explanation.peak(i, k)),
-                    "heatmap_png": base64.b64encode(
-                        png_bytes(colorize(heat, cmap, signed=explanation.signed))
-                    ).decode(),
-                    "overlay_png": base64.b64encode(
-                        png_bytes(explanation.overlay(i, k, alpha=alpha, colormap=cmap))
-                    ).decode(),
-                    "raw_float16": base64.b64encode(raw.tobytes()).decode(),
-                    "raw_shape": list(raw.shape),
-                }
-            )
-        return {
+            entry = {
+                "class_index": index,
+                "class_name": short_name(explanation.labels[index]),
+                "probability": explanation.probability(i, k),
+                "peak": list(explanation.peak(i, k)),
+                "heatmap_png": base64.b64encode(
+                    png_bytes(colorize(normalized[i, k].numpy(), cmap, signed=explanation.signed))
+                ).decode(),
+                "raw_float16": base64.b64encode(raw.tobytes()).decode(),
+                "raw_shape": list(raw.shape),
+            }
+            if overlay:
+                blended = explanation.overlay(i, k, alpha=alpha, colormap=cmap)
+                entry["overlay_png"] = base64.b64encode(png_bytes(blended)).decode()
+            maps.append(entry)
+        body = {
             "image": name,
             "model": chosen.name,
             "method": explanation.method,
@@ -273,6 +272,8 @@ def create_app(
             ],
             "maps": maps,
         }
+        # returned as is: the maps' base64 strings are already JSON, FastAPI's encoder pass would only copy them
+        return JSONResponse(body)
 
     return app
 

@@ -70,8 +70,9 @@ async function predict() {
   return body.predictions;
 }
 
-async function explainWith(method, target) {
+async function explainWith(method, target, overlay = false) {
   const form = imageForm();
+  if (overlay) form.append("overlay", "true");
   form.append("method", method);
   form.append("target", target);
   form.append("options", JSON.stringify(methodOptions(method)));
@@ -106,7 +107,7 @@ async function compare() {
   panels.innerHTML = "";
   for (const method of chosen) {
     try {
-      const body = await explainWith(method, state.target || "top1");
+      const body = await explainWith(method, state.target || "top1", true);
       const figure = document.createElement("figure");
       const img = document.createElement("img");
       img.src = `data:image/png;base64,${body.maps[0].overlay_png}`;
