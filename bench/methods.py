@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import warnings
 
 import torch
 
 import cnnscope
+from _timing import best_of
 from cnnscope.samples import sample_image
 
 SLOW = {"scorecam"}
 OPTIONS = {"integrated-gradients": {"steps": 50}, "smoothgrad": {"samples": 25}}
-
-
-def best_of(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

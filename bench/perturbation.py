@@ -10,23 +10,13 @@ Goals (issue #4): occlusion <= 2.3 s (Captum measured 3.03 s on these machines).
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import torch
 
 import cnnscope
+from _timing import best_of
 from cnnscope.samples import sample_image
-
-
-def best_of(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -94,8 +94,21 @@ class PerturbationMethod(Method):
                 self._precision = "bf16"
         return reference
 
-    def _precision_used(self, batch: torch.Tensor) -> dict:
-        return {"precision": [self._precision] * batch.shape[0]}
+    def _precision_used(self, rows: torch.Tensor) -> dict:
+        return {"precision": [self._precision] * rows.shape[0]}
+
+    def finish(
+        self, maps: torch.Tensor, base: torch.Tensor, kind: str, targets: torch.Tensor, forwards: int, **extra
+    ) -> Computed:
+        """Zero the maps of padded targets and pack the result with the precision that was used."""
+        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
+        return Computed(
+            raw=maps,
+            logits=_as_logits(base, kind),
+            targets=targets,
+            forwards=forwards,
+            extra={**extra, **self._precision_used(targets)},
+        )
 
     def pixels(self, batch: torch.Tensor) -> torch.Tensor:
         """Model input -> [0, 1] RGB (the inverse of the normalization)."""
@@ -194,13 +207,8 @@ class Occlusion(PerturbationMethod):
                 break
         progress.close()
         maps = maps / counts.clamp_min(1)
-        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
-        return Computed(
-            raw=maps,
-            logits=_as_logits(base, kind),
-            targets=targets,
-            forwards=forwards,
-            extra={"winners": winners, "stopped_early": [stopped] * batch.shape[0], **self._precision_used(batch)},
+        return self.finish(
+            maps, base, kind, targets, forwards, winners=winners, stopped_early=[stopped] * batch.shape[0]
         )
 
     def is_signed(self) -> bool:
@@ -254,7 +262,6 @@ class RISE(PerturbationMethod):
         height, width = batch.shape[-2:]
         base = self.base_scores(batch, "probability")
         targets = resolve(base)
-        generator = torch.Generator().manual_seed(int(self.config["seed"]))
         maps = torch.zeros((batch.shape[0], targets.shape[1], height, width), device=batch.device)
         progress = Progress(
             batch.shape[0] * count, "rise", quiet=bool(self.config["quiet"]), max_seconds=self.config["max_seconds"]
@@ -278,16 +285,10 @@ class RISE(PerturbationMethod):
             if stopped:
                 break
         progress.close()
-        del generator
         scale = torch.tensor([max(1, u) for u in used], dtype=maps.dtype, device=maps.device).view(-1, 1, 1, 1)
         maps = maps / (scale * float(self.config["keep"]))
-        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
-        return Computed(
-            raw=maps,
-            logits=_as_logits(base, "probability"),
-            targets=targets,
-            forwards=forwards,
-            extra={"masks_used": used, "stopped_early": [stopped] * batch.shape[0], **self._precision_used(batch)},
+        return self.finish(
+            maps, base, "probability", targets, forwards, masks_used=used, stopped_early=[stopped] * batch.shape[0]
         )
 
 
@@ -381,7 +382,6 @@ class LIME(PerturbationMethod):
             "top_negative": [],
             "samples_used": [],
             "stopped_early": [],
-            **self._precision_used(batch),
         }
         forwards = batch.shape[0]
         progress = Progress(
@@ -406,10 +406,7 @@ class LIME(PerturbationMethod):
             extra["samples_used"].append(used)
             extra["stopped_early"].append(stopped)
         progress.close()
-        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
-        return Computed(
-            raw=maps, logits=_as_logits(base, "probability"), targets=targets, forwards=forwards, extra=extra
-        )
+        return self.finish(maps, base, "probability", targets, forwards, **extra)
 
     def _explain_one(self, image: torch.Tensor, targets: torch.Tensor, progress: Progress):
         pixels = self.pixels(image)[0].permute(1, 2, 0).cpu().numpy().astype(np.float64)
@@ -531,11 +528,4 @@ class PatchScoring(PerturbationMethod):
                 maps[b, :, y : y + patch_h, x : x + patch_w] += scores[index][:, None, None]
             grids.append(scores[:, 0].view(len(ys), len(xs)).tolist())
         maps = maps / counts.clamp_min(1)
-        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
-        return Computed(
-            raw=maps,
-            logits=_as_logits(base, "probability"),
-            targets=targets,
-            forwards=forwards,
-            extra={"patch_scores": grids, **self._precision_used(batch)},
-        )
+        return self.finish(maps, base, "probability", targets, forwards, patch_scores=grids)
