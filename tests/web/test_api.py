@@ -57,6 +57,8 @@ def test_explain_a_class_outside_the_top5_with_raw_maps(client):
     assert heat.size == (224, 224) and "overlay_png" not in first  # the page stretches it over the photo
     blended = client.post("/api/explain", data={"sample": "chelsea", "overlay": "true"}).json()["maps"][0]
     assert Image.open(io.BytesIO(base64.b64decode(blended["overlay_png"]))).size == (451, 300)  # the original
+    lean = client.post("/api/explain", data={"sample": "chelsea", "raw": "false"}).json()["maps"][0]
+    assert "raw_float16" not in lean and "heatmap_png" in lean
     assert body["top5"][0]["class_index"] == 285
 
 

@@ -9,15 +9,16 @@ Retry-After; errors are JSON ``{"error": "..."}`` with a 4xx code and never a st
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, Form, Query, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -59,19 +60,33 @@ def create_app(
         version=__version__,
         description="Explain an image classifier: predictions, and maps of any class by any method.",
     )
-    models: dict[str, Model] = {model: load_model(model)}
-    locks: dict[str, threading.Lock] = {model: threading.Lock()}
     admission = AdmissionLimit(running, waiting)
+    # Every torch call of the server runs on `running` long-lived threads (one by default), the model's
+    # loading included: each thread that calls torch gets its own OpenMP team, and an idle team's spinning
+    # threads slow the busy one. Measured: a Grad-CAM of 19-26 ms took 60 ms on Starlette's per-request
+    # threads and 40 ms with one worker thread while the event loop thread also touched torch.
+    workers = ThreadPoolExecutor(max_workers=running, thread_name_prefix="cnnscope-model")
+    models: dict[str, Model] = {model: workers.submit(load_model, model).result()}
+    locks: dict[str, threading.Lock] = {model: threading.Lock()}
+
+    async def on_model_thread(function):
+        return await asyncio.get_running_loop().run_in_executor(workers, function)
+
     static = resources.files(__package__).joinpath("static")
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
-    def get_model(name: str | None) -> tuple[Model, threading.Lock]:
+    def model_name_of(name: str | None) -> str:
+        """Check a client's model name against the zoo (no path is ever loaded)."""
         name = name or model
+        if name not in models and name not in MODELS:
+            raise ModelError(
+                f"unknown model {name!r}; choose one of {', '.join(sorted(set(models) | set(MODELS.names())))}"
+            )
+        return name
+
+    def get_model(name: str) -> tuple[Model, threading.Lock]:
+        """On the model thread only: the model, loaded on first use, and its lock."""
         if name not in models:
-            if name not in MODELS:
-                raise ModelError(
-                    f"unknown model {name!r}; choose one of {', '.join(sorted(set(models) | set(MODELS.names())))}"
-                )
             models[name] = load_model(name)
             locks[name] = threading.Lock()
         return models[name], locks[name]
@@ -147,10 +162,21 @@ def create_app(
             "samples": list(SAMPLES),
         }
 
+    def model_for(name: str, multilabel: bool) -> tuple[Model, threading.Lock]:
+        """On the model thread: the shared model, or its multi-label (sigmoid) twin, cached."""
+        chosen, lock = get_model(name)
+        if not multilabel:
+            return chosen, lock
+        key = f"{name} (multi-label)"
+        if key not in models:
+            models[key] = load_model(chosen, multilabel=True)
+        return models[key], lock
+
     @app.get("/api/labels", summary="A model's class labels, in index order")
     async def labels(model_name: Annotated[str | None, Query(alias="model")] = None) -> dict:
-        chosen, _ = get_model(model_name)
-        return {"model": chosen.name, "labels": chosen.labels}
+        name = model_name_of(model_name)
+        chosen, _ = await on_model_thread(lambda: get_model(name))
+        return {"model": chosen.name, "labels": await on_model_thread(lambda: chosen.labels)}
 
     @app.get(
         "/api/samples/{name}", summary="A bundled sample photo as PNG", responses={200: {"content": {"image/png": {}}}}
@@ -169,25 +195,24 @@ def create_app(
         multilabel: Annotated[bool, Form()] = False,
     ) -> dict:
         picture, name = await read_image(image, sample)
-        chosen, lock = get_model(model_name)
-        if multilabel:
-            chosen = load_model(chosen, multilabel=True)
+        chosen_name = model_name_of(model_name)
 
-        def run() -> list:
+        def run() -> dict:
+            chosen, lock = model_for(chosen_name, multilabel)
             with lock:
-                return chosen.predict(picture, top_k)[0]
+                predictions = chosen.predict(picture, top_k)[0]
+            return {
+                "image": name,
+                "model": chosen.name,
+                "size": [int(picture.shape[1]), int(picture.shape[0])],
+                "predictions": [
+                    {"class_index": p.index, "class_name": p.name, "label": p.label, "probability": p.probability}
+                    for p in predictions
+                ],
+            }
 
         async with admission.slot():
-            predictions = await run_in_threadpool(run)
-        return {
-            "image": name,
-            "model": chosen.name,
-            "size": [int(picture.shape[1]), int(picture.shape[0])],
-            "predictions": [
-                {"class_index": p.index, "class_name": p.name, "label": p.label, "probability": p.probability}
-                for p in predictions
-            ],
-        }
+            return await on_model_thread(run)
 
     @app.post(
         "/api/explain",
@@ -198,7 +223,7 @@ def create_app(
             "resolution (colour only: stretch it over the image with any opacity), the raw map (base64 of "
             "little-endian float16 values, row-major, shape raw_shape = [height, width] at the model input's "
             "resolution, with the sign and scale the method computed) and, with overlay=true, the heatmap "
-            "blended over the original image as a PNG at the image's size."
+            "blended over the original image as a PNG at the image's size; raw=false leaves the raw maps out."
         ),
     )
     async def explain(
@@ -212,6 +237,7 @@ def create_app(
         alpha: Annotated[float, Form(ge=0.0, le=1.0)] = 0.5,
         multilabel: Annotated[bool, Form()] = False,
         overlay: Annotated[bool, Form()] = False,
+        raw: Annotated[bool, Form()] = True,
     ) -> JSONResponse:
         cls = METHODS.get(method)
         try:
@@ -225,57 +251,67 @@ def create_app(
         if colormap is not None and colormap not in SEQUENTIAL + DIVERGING:
             raise InputError(f"unknown colormap {colormap!r}; choose one of {', '.join(SEQUENTIAL + DIVERGING)}")
         picture, name = await read_image(image, sample)
-        chosen, lock = get_model(model_name)
-        if multilabel:
-            chosen = load_model(chosen, multilabel=True)
+        chosen_name = model_name_of(model_name)
         spec = [part.strip() for part in target.split(",") if part.strip()] or ["top1"]
         resolved = spec[0] if len(spec) == 1 and spec[0].lower().startswith(("top", "positive")) else spec
         extra = {"quiet": True} if "quiet" in cls.options else {}
 
-        def run():
+        def run() -> dict:
+            # everything that touches torch stays on the model thread, rendering included
+            chosen, lock = model_for(chosen_name, multilabel)
             with lock:
-                return cls(chosen, **parsed, **extra)(picture, resolved, names=[name])
+                explanation = cls(chosen, **parsed, **extra)(picture, resolved, names=[name])
+            return response_body(explanation, name, chosen.name, colormap, alpha, overlay, raw)
 
         async with admission.slot():
-            explanation = await run_in_threadpool(run)
-        normalized = explanation.normalized()
-        maps = []
-        for i, k in explanation.items():
-            index = int(explanation.targets[i, k])
-            cmap = colormap or default_colormap(explanation.signed)
-            raw = explanation.maps[i, k].numpy().astype("<f2")
-            entry = {
-                "class_index": index,
-                "class_name": short_name(explanation.labels[index]),
-                "probability": explanation.probability(i, k),
-                "peak": list(explanation.peak(i, k)),
-                "heatmap_png": base64.b64encode(
-                    png_bytes(colorize(normalized[i, k].numpy(), cmap, signed=explanation.signed))
-                ).decode(),
-                "raw_float16": base64.b64encode(raw.tobytes()).decode(),
-                "raw_shape": list(raw.shape),
-            }
-            if overlay:
-                blended = explanation.overlay(i, k, alpha=alpha, colormap=cmap)
-                entry["overlay_png"] = base64.b64encode(png_bytes(blended)).decode()
-            maps.append(entry)
-        body = {
-            "image": name,
-            "model": chosen.name,
-            "method": explanation.method,
-            "layer": explanation.layer,
-            "signed": explanation.signed,
-            "notes": list(explanation.notes),
-            "stats": {k: _json_safe(v) if not isinstance(v, (list, dict)) else v for k, v in explanation.stats.items()},
-            "top5": [
-                {"class_index": p.index, "class_name": p.name, "probability": p.probability} for p in explanation.top[0]
-            ],
-            "maps": maps,
-        }
+            body = await on_model_thread(run)
         # returned as is: the maps' base64 strings are already JSON, FastAPI's encoder pass would only copy them
         return JSONResponse(body)
 
     return app
+
+
+def response_body(
+    explanation, name: str, model_name: str, colormap: str | None, alpha: float, overlay: bool, raw: bool = True
+) -> dict:
+    """The JSON of /api/explain: per map a heatmap PNG, the raw float16 map (unless ``raw`` is false) and
+    the overlay (if ``overlay``)."""
+    normalized = explanation.normalized()
+    cmap = colormap or default_colormap(explanation.signed)
+    maps = []
+    for i, k in explanation.items():
+        index = int(explanation.targets[i, k])
+        entry = {
+            "class_index": index,
+            "class_name": short_name(explanation.labels[index]),
+            "probability": explanation.probability(i, k),
+            "peak": list(explanation.peak(i, k)),
+            "heatmap_png": base64.b64encode(
+                png_bytes(colorize(normalized[i, k].numpy(), cmap, signed=explanation.signed))
+            ).decode(),
+        }
+        if raw:
+            values = explanation.maps[i, k].numpy().astype("<f2")
+            entry["raw_float16"] = base64.b64encode(values.tobytes()).decode()
+            entry["raw_shape"] = list(values.shape)
+        if overlay:
+            entry["overlay_png"] = base64.b64encode(
+                png_bytes(explanation.overlay(i, k, alpha=alpha, colormap=cmap))
+            ).decode()
+        maps.append(entry)
+    return {
+        "image": name,
+        "model": model_name,
+        "method": explanation.method,
+        "layer": explanation.layer,
+        "signed": explanation.signed,
+        "notes": list(explanation.notes),
+        "stats": {k: v if isinstance(v, (list, dict)) else _json_safe(v) for k, v in explanation.stats.items()},
+        "top5": [
+            {"class_index": p.index, "class_name": p.name, "probability": p.probability} for p in explanation.top[0]
+        ],
+        "maps": maps,
+    }
 
 
 class UploadTooLarge(InputError):

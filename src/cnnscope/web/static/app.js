@@ -72,6 +72,7 @@ async function predict() {
 
 async function explainWith(method, target, overlay = false) {
   const form = imageForm();
+  form.append("raw", "false");  // the page shows the heatmap; the raw values are for API clients
   if (overlay) form.append("overlay", "true");
   form.append("method", method);
   form.append("target", target);
