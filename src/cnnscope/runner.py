@@ -30,6 +30,14 @@ def check_options(methods: Sequence[str], options: dict) -> None:
             raise MethodError(f"option {key!r} belongs to none of {', '.join(methods)}{hint} (their options: {listed})")
 
 
+def options_for(cls, options: dict, quiet: bool) -> dict:
+    """The options a method accepts, with ``quiet`` added where the method has a progress line."""
+    accepted = {k: v for k, v in options.items() if k in cls.options}
+    if quiet and "quiet" in cls.options:
+        accepted["quiet"] = True
+    return accepted
+
+
 def unique_names(names: Sequence[str]) -> list[str]:
     """Make names unique for file names: 'x', 'x' -> 'x', 'x-2'."""
     seen: dict[str, int] = {}
@@ -56,6 +64,7 @@ def explain_images(
     colormap: str | None = None,
     options: dict | None = None,
     progress: Callable[[int], None] | None = None,
+    quiet: bool = False,
 ) -> dict:
     """Run each method on the images in batches; write PNG overlays (and report.html) to ``out_dir``.
 
@@ -68,7 +77,7 @@ def explain_images(
     explainers = []
     for method in methods:
         cls = METHODS.get(method)
-        accepted = {k: v for k, v in options.items() if k in cls.options}
+        accepted = options_for(cls, options, quiet)
         kwargs = {"layer": layer} if layer is not None and cls.uses_layer else {}
         explainers.append(cls(model, **kwargs, **accepted))
     out = Path(out_dir) if out_dir is not None else None
@@ -174,6 +183,7 @@ def compare_image(
     layers: Sequence[str] | None = None,
     options: dict | None = None,
     alpha: float = 0.5,
+    quiet: bool = False,
 ):
     """One image, several methods (rows) or one layer method at several layers (rows), and its
     classes (columns). Returns (matplotlib Figure, JSON-able summary with each map's peak and each
@@ -195,7 +205,7 @@ def compare_image(
         cls = METHODS.get(methods[0])
         if not cls.uses_layer or not hasattr(cls, "explain_layers"):
             raise MethodError(f"{methods[0]} does not work on layers; choose a CAM method to compare layers")
-        accepted = {k: v for k, v in options.items() if k in cls.options}
+        accepted = options_for(cls, options, quiet)
         started = time.perf_counter()
         by_layer = cls(model, **accepted).explain_layers(image, list(layers), target, names=[name])
         seconds = time.perf_counter() - started
@@ -203,7 +213,7 @@ def compare_image(
     else:
         for method in methods:
             cls = METHODS.get(method)
-            accepted = {k: v for k, v in options.items() if k in cls.options}
+            accepted = options_for(cls, options, quiet)
             started = time.perf_counter()
             explanation = cls(model, **accepted)(image, target, names=[name])
             explanations.append((explanation.method, explanation, time.perf_counter() - started))
@@ -247,6 +257,7 @@ def faithfulness_report(
     fraction: float = 0.1,
     fill: str = "grey",
     options: dict | None = None,
+    quiet: bool = False,
 ):
     """Explain one image, then check the map: deletion and insertion curves (AUC), the prediction after
     removing the top ``fraction`` of the map, and the confidence kept by the evidence alone.
@@ -256,7 +267,8 @@ def faithfulness_report(
 
     options = options or {}
     check_options([method], options)
-    explanation = METHODS.get(method)(model, **options)(image, target, names=[name])
+    cls = METHODS.get(method)
+    explanation = cls(model, **options_for(cls, options, quiet))(image, target, names=[name])
     batch = model.preprocess([image])
     class_index = int(explanation.targets[0, 0])
     saliency = explanation.maps[0, 0]

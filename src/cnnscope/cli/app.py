@@ -241,6 +241,7 @@ def compare(
         target=chosen,
         layers=layer_list,
         options=parse_options(option or []),
+        quiet=quiet,
     )
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{image.stem}_compare.png"
@@ -288,6 +289,7 @@ def faithfulness(
         fraction=fraction,
         fill=fill,
         options=parse_options(option or []),
+        quiet=quiet,
     )
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{image.stem}_{summary['method']}_faithfulness.png"
@@ -339,6 +341,7 @@ def serve(
 def _run(model: Model, pictures: list, names: list[str], **kwargs) -> dict:
     from ..runner import explain_images
 
+    kwargs["quiet"] = _state["quiet"]
     show = not _state["quiet"] and len(pictures) > kwargs.get("batch_size", 8)
     if not show:
         return explain_images(model, pictures, names, **kwargs)
