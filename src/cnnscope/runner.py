@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from ._registry import METHODS
-from .explanation import Explanation
+from .explanation import Explanation, overlay_filename
 from .models import Model
 from .models.labels import short_name
+from .render.overlay import save_png
 from .render.report import ReportRow, write_report
 
 
@@ -106,9 +107,6 @@ def explain_images(
                     "file": None,
                 }
                 if out is not None:
-                    from .explanation import overlay_filename
-                    from .render.overlay import save_png
-
                     out.mkdir(parents=True, exist_ok=True)
                     path = out / overlay_filename(names[index], explanation.method, class_index, explanation.labels)
                     save_png(picture, str(path))

@@ -38,6 +38,9 @@ MultiOpt = Annotated[bool, typer.Option("--multilabel", help="sigmoid scores (mu
 LabelsOpt = Annotated[Path | None, typer.Option("--labels", help="text file, one class label per line")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or warnings")]
+OptionOpt = Annotated[
+    list[str] | None, typer.Option("--option", help="method option KEY=VALUE, e.g. steps=16; repeatable")
+]
 
 
 def _version(value: bool) -> None:
@@ -168,9 +171,7 @@ def explain(
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0)] = 0.5,
     colormap: Annotated[str | None, typer.Option("--colormap")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
-    option: Annotated[
-        list[str] | None, typer.Option("--option", help="method option KEY=VALUE, e.g. steps=16; repeatable")
-    ] = None,
+    option: OptionOpt = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="write report.html")] = True,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -217,12 +218,11 @@ def compare(
     arch: ArchOpt = None,
     no_weights: NoWeightsOpt = False,
     trust_pickle: TrustOpt = False,
-    option: Annotated[list[str] | None, typer.Option("--option", help="method option KEY=VALUE; repeatable")] = None,
+    option: OptionOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Several methods (or one method at several layers) side by side for the top classes: one grid PNG."""
-    from ..render.figure import figure_png
     from ..runner import compare_image
 
     _state["quiet"] = quiet
@@ -243,10 +243,7 @@ def compare(
         options=parse_options(option or []),
         quiet=quiet,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{image.stem}_compare.png"
-    path.write_bytes(figure_png(figure))
-    summary["file"] = str(path)
+    path = _write_figure(figure, out / f"{image.stem}_compare.png", summary)
     if as_json:
         _print_json(summary)
         return
@@ -267,12 +264,11 @@ def faithfulness(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("cnnscope-out"),
     model: ModelOpt = DEFAULT_MODEL,
     arch: ArchOpt = None,
-    option: Annotated[list[str] | None, typer.Option("--option", help="method option KEY=VALUE; repeatable")] = None,
+    option: OptionOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Does the map tell the truth? Deletion/insertion AUC, remove-the-evidence and keep-only-the-evidence."""
-    from ..render.figure import figure_png
     from ..runner import faithfulness_report
 
     _state["quiet"] = quiet
@@ -291,10 +287,7 @@ def faithfulness(
         options=parse_options(option or []),
         quiet=quiet,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{image.stem}_{summary['method']}_faithfulness.png"
-    path.write_bytes(figure_png(figure))
-    summary["file"] = str(path)
+    path = _write_figure(figure, out / f"{image.stem}_{summary['method']}_faithfulness.png", summary)
     if as_json:
         _print_json(summary)
         return
@@ -336,6 +329,16 @@ def serve(
     application = create_app(model, running=running, waiting=waiting)
     typer.echo(f"cnnscope: serving {model} on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+def _write_figure(figure, path: Path, summary: dict) -> Path:
+    """Save a matplotlib figure as PNG and record its path in the command's summary."""
+    from ..render.figure import figure_png
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(figure_png(figure))
+    summary["file"] = str(path)
+    return path
 
 
 def _run(model: Model, pictures: list, names: list[str], **kwargs) -> dict:
