@@ -19,6 +19,11 @@ from .errors import (
     TargetError,
 )
 from .explanation import Explanation
+from .features import Objective, Transforms, maximize
+from .features.activations import layer_activations
+from .features.architecture import architecture
+from .features.dream import deep_dream
+from .features.filters import filter_plate
 from .io import load_image, load_images
 from .methods import get_method, list_methods
 from .models import Model, Preprocess, list_models, load_model
@@ -34,15 +39,22 @@ __all__ = [
     "MethodError",
     "Model",
     "ModelError",
+    "Objective",
     "Preprocess",
     "TargetError",
+    "Transforms",
+    "architecture",
+    "deep_dream",
     "explain",
+    "filter_plate",
     "get_method",
+    "layer_activations",
     "list_methods",
     "list_models",
     "load_image",
     "load_images",
     "load_model",
+    "maximize",
 ]
 
 

@@ -1,4 +1,4 @@
-"""One registry type for every pluggable name: methods, zoo models, colormaps.
+"""One registry type for every pluggable name: methods, zoo models, colormaps, objectives.
 
 Names are case-insensitive and unique; registering a name twice is an error, and looking up an
 unknown name answers with the closest registered ones. The CLI, the web page and the tests list
@@ -81,3 +81,4 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method", list_hint="`cnnscope methods` lists them")
 MODELS: Registry = Registry("model", list_hint="`cnnscope models` lists them")
 COLORMAPS: Registry = Registry("colormap")
+OBJECTIVES: Registry = Registry("objective kind", list_hint="e.g. class:goldfish, channel:LAYER:INDEX")

@@ -39,15 +39,22 @@ class LayerRef:
         return f"{self.name}@{self.call}" if self.calls > 1 else self.name
 
 
+class StopForward(Exception):
+    """Raised by a ``capture(..., stop=True)`` hook once every layer of the pass is recorded: the rest of
+    the model does not run. :func:`forward_until` catches it."""
+
+
 class Capture:
     """The recorded activations of one ``capture`` block, keyed by ``LayerRef.key``."""
 
-    def __init__(self, layers: Sequence[LayerRef]) -> None:
+    def __init__(self, layers: Sequence[LayerRef], stop: bool = False) -> None:
         self.layers = list(layers)
         self.activations: dict[str, torch.Tensor] = {}
         self.forwards = 0
         self._paused = False
         self._counts: dict[int, int] = {}
+        self._stop = stop
+        self._pending: set[str] = set()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -70,6 +77,7 @@ class Capture:
         if not self._paused:
             self._counts.clear()
             self.forwards += 1
+            self._pending = {ref.key for ref in self.layers}
 
     def _make_hook(self, refs: list[LayerRef]):
         def hook(module: nn.Module, args: object, output: object) -> object:
@@ -90,15 +98,21 @@ class Capture:
                 recorded = recorded.detach().requires_grad_(True)
             for ref in wanted:
                 self.activations[ref.key] = recorded
+                self._pending.discard(ref.key)
+            if self._stop and not self._pending:
+                raise StopForward
             return recorded.clone()
 
         return hook
 
 
 @contextmanager
-def capture(model: nn.Module, layers: Sequence[LayerRef]) -> Iterator[Capture]:
-    """Record the outputs of ``layers`` during every forward of ``model`` inside the block."""
-    record = Capture(layers)
+def capture(model: nn.Module, layers: Sequence[LayerRef], *, stop: bool = False) -> Iterator[Capture]:
+    """Record the outputs of ``layers`` during every forward of ``model`` inside the block.
+
+    ``stop=True``: end each forward as soon as all ``layers`` are recorded (run it with
+    :func:`forward_until`); the layers after them, the head included, are not computed."""
+    record = Capture(layers, stop=stop)
     handles: list[RemovableHandle] = []
     by_module: dict[int, list[LayerRef]] = {}
     modules: dict[int, nn.Module] = {}
@@ -113,3 +127,12 @@ def capture(model: nn.Module, layers: Sequence[LayerRef]) -> Iterator[Capture]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def forward_until(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
+    """``model(batch)`` inside a ``capture(..., stop=True)`` block: the logits, or None when the pass
+    stopped after its last captured layer."""
+    try:
+        return model(batch)
+    except StopForward:
+        return None

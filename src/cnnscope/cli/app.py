@@ -1,4 +1,5 @@
-"""``cnnscope predict|explain|layers|labels|methods|demo``.
+"""``cnnscope predict|explain|compare|faithfulness|serve|layers|labels|methods|models|demo`` (the
+feature-visualization commands are in :mod:`cnnscope.cli.features`).
 
 Every command takes ``--json`` (one JSON document on stdout) and ``-q``. Errors caused by input
 are printed on one line (``cnnscope: error: ...``) with exit status 2; ``--debug`` shows tracebacks.
@@ -375,11 +376,25 @@ def layers(
     arch: ArchOpt = None,
     no_weights: NoWeightsOpt = False,
     trust_pickle: TrustOpt = False,
+    diagram: Annotated[
+        Path | None, typer.Option("--diagram", help="also draw the data flow to this .svg or .png file")
+    ] = None,
+    depth: Annotated[int, typer.Option("--depth", min=0, help="diagram: open modules nested less deep")] = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """The layer table: name, type, output shape, parameters; and the default target layer."""
+    """The layer table: name, type, output shape, parameters; the default target layer; a diagram."""
     loaded = _load(model, arch, no_weights, trust_pickle, False, None)
+    if diagram is not None:
+        from ..features.architecture import architecture
+
+        if diagram.suffix.lower() not in (".svg", ".png"):
+            raise InputError(f"--diagram needs a .svg or .png file name, got '{diagram}'")
+        drawing = architecture(loaded, depth=depth)
+        diagram.parent.mkdir(parents=True, exist_ok=True)
+        drawing.save(str(diagram))
+        if not quiet and not as_json:
+            typer.echo(f"diagram: {diagram} ({len(drawing.nodes)} boxes for {drawing.layers} module calls)", err=True)
     if as_json:
         _print_json(
             {

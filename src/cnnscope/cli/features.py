@@ -1,0 +1,248 @@
+"""``cnnscope filters|activations|maximize|dream``: what the network has learned (registered on the
+same typer app as the other commands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import InputError
+from ..io import load_image
+from ..models import DEFAULT_MODEL
+from .app import ArchOpt, JsonOpt, ModelOpt, NoWeightsOpt, QuietOpt, TrustOpt, _load, _print_json, _state, app
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="random seed; the same seed repeats the run exactly")]
+
+
+def _safe(text: str) -> str:
+    """A layer key as part of a file name."""
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text)
+
+
+def _write(out: Path, name: str, data: bytes) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_bytes(data)
+    return path
+
+
+@app.command()
+def filters(
+    layer: Annotated[str | None, typer.Option("--layer", help="a Conv2d (default: the first on the RGB input)")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="rgb, mean or channels")] = None,
+    max_filters: Annotated[int, typer.Option("--max-filters", min=1)] = 256,
+    out: OutOpt = Path("cnnscope-out"),
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    no_weights: NoWeightsOpt = False,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A convolution's kernels as a picture: the first layer in colour, deeper ones in grey."""
+    from ..features.filters import filter_plate
+    from ..render.overlay import png_bytes
+
+    loaded = _load(model, arch, no_weights, trust_pickle, False, None)
+    plate = filter_plate(loaded, layer, mode=mode, max_filters=max_filters)
+    path = _write(out, f"filters_{_safe(plate.layer)}.png", png_bytes(plate.image))
+    summary = {
+        "layer": plate.layer,
+        "kernel_shape": list(plate.weights.shape),
+        "mode": plate.mode,
+        "filters_shown": plate.shown,
+        "file": str(path),
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    shape = "x".join(str(s) for s in plate.weights.shape)
+    typer.echo(f"{plate.layer}: {shape} kernels, {plate.shown} drawn ({plate.mode}): {path}")
+
+
+@app.command()
+def activations(
+    image: Annotated[Path, typer.Argument(help="one image file")],
+    layer: Annotated[str | None, typer.Option("--layer", help="layer name (default: the default target layer)")] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="label the N strongest channels")] = 16,
+    out: OutOpt = Path("cnnscope-out"),
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    no_weights: NoWeightsOpt = False,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every channel of a layer for one image, sorted by mean activation, and the strongest over the image."""
+    from ..features.activations import layer_activations
+    from ..render.figure import figure_png
+    from ..render.overlay import png_bytes
+
+    loaded = _load(model, arch, no_weights, trust_pickle, False, None)
+    result = layer_activations(loaded, load_image(image), layer)
+    stem = f"{image.stem}_activations_{_safe(result.layer)}"
+    grid = _write(out, f"{stem}.png", figure_png(result.figure(top)))
+    strongest = _write(out, f"{stem}_strongest.png", png_bytes(result.overlay()))
+    summary = {
+        "image": image.stem,
+        "layer": result.layer,
+        "channels": int(result.maps.shape[0]),
+        "map_size": list(result.maps.shape[1:]),
+        "top": [{"channel": c, "mean": round(m, 6)} for c, m in result.top(top)],
+        "files": [str(grid), str(strongest)],
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    typer.echo(f"{image.stem} at {result.layer}: {result.maps.shape[0]} channels; strongest:")
+    for channel, mean in result.top(min(top, 5)):
+        typer.echo(f"  channel {channel:<5} mean {mean:.3f}")
+    typer.echo(f"grid: {grid}\nstrongest channel over the image: {strongest}")
+
+
+@app.command()
+def maximize(
+    class_: Annotated[
+        list[str] | None, typer.Option("--class", "-c", help="a class name or index to visualize; repeatable")
+    ] = None,
+    channel: Annotated[list[str] | None, typer.Option("--channel", help="LAYER:INDEX; repeatable")] = None,
+    neuron: Annotated[list[str] | None, typer.Option("--neuron", help="LAYER:INDEX (centre unit); repeatable")] = None,
+    objective: Annotated[
+        list[str] | None,
+        typer.Option("--objective", help="e.g. 'class:goldfish + 0.5*channel:_blocks.10:3'; repeatable"),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=0)] = 256,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 0.05,
+    size: Annotated[int | None, typer.Option("--size", min=8, help="image side (default: the model's input)")] = None,
+    param: Annotated[str, typer.Option("--param", help="fourier or pixel")] = "fourier",
+    tv: Annotated[float, typer.Option("--tv", min=0.0, help="total-variation weight")] = 0.0,
+    l2: Annotated[float, typer.Option("--l2", min=0.0, help="L2 weight")] = 0.0,
+    no_transforms: Annotated[bool, typer.Option("--no-transforms", help="plain gradient ascent")] = False,
+    seed: SeedOpt = 0,
+    out: OutOpt = Path("cnnscope-out"),
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    no_weights: NoWeightsOpt = False,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Activation maximization: one image per class/channel/neuron/objective, optimized in one batch."""
+    from ..features import maximize as run_maximize
+    from ..features.transforms import Transforms
+    from ..render.figure import figure_png
+    from ..render.overlay import png_bytes
+
+    _state["quiet"] = quiet
+    specs = (
+        [f"class:{c}" for c in class_ or []]
+        + [f"channel:{c}" for c in channel or []]
+        + [f"neuron:{c}" for c in neuron or []]
+        + list(objective or [])
+    )
+    if not specs:
+        raise InputError("nothing to maximize: give --class, --channel, --neuron or --objective")
+    loaded = _load(model, arch, no_weights, trust_pickle, False, None)
+    result = run_maximize(
+        loaded,
+        specs,
+        size=size,
+        param=param,
+        steps=steps,
+        lr=lr,
+        transforms=Transforms.none() if no_transforms else None,
+        tv=tv,
+        l2=l2,
+        seed=seed,
+        quiet=quiet,
+    )
+    plate = _write(out, "maximize.png", figure_png(result.figure()))
+    files = [str(plate)]
+    for index, picture in enumerate(result.images):
+        files.append(str(_write(out, f"maximize_{index}_{_safe(result.objectives[index])}.png", png_bytes(picture))))
+    summary = {
+        "objectives": [
+            {
+                "objective": name,
+                "start": round(start, 6),
+                "final": round(final, 6),
+                "top1": {"class_index": top[0].index, "class_name": top[0].name, "probability": top[0].probability},
+            }
+            for name, start, final, top in zip(
+                result.objectives, result.start, result.final, result.predictions, strict=True
+            )
+        ],
+        "seconds": round(result.stats["seconds"], 3),
+        "iterations_per_second": round(result.stats["iterations_per_second"], 3),
+        "stopped_early": result.stats["stopped_early"],
+        "files": files,
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    for entry in summary["objectives"]:
+        top = entry["top1"]
+        typer.echo(
+            f"{entry['objective']:<32} {entry['start']:9.3f} -> {entry['final']:9.3f}   "
+            f"seen as {top['class_name']} ({top['probability']:.1%})"
+        )
+    typer.echo(f"plate: {plate}")
+
+
+@app.command()
+def dream(
+    image: Annotated[Path, typer.Argument(help="one image file")],
+    layer: Annotated[str | None, typer.Option("--layer", help="layer name (default: a middle layer)")] = None,
+    channels: Annotated[
+        str, typer.Option("--channels", help="e.g. 0-24 or 3,5,7 (one image each); 'all' for the whole layer")
+    ] = "0-24",
+    together: Annotated[bool, typer.Option("--together", help="one image for all the channels")] = False,
+    octaves: Annotated[int, typer.Option("--octaves", min=1)] = 4,
+    octave_scale: Annotated[float, typer.Option("--octave-scale", min=1.01)] = 1.4,
+    iterations: Annotated[int, typer.Option("--iterations", min=0, help="steps per octave")] = 10,
+    step: Annotated[float, typer.Option("--step", min=0.0)] = 0.01,
+    seed: SeedOpt = 0,
+    out: OutOpt = Path("cnnscope-out"),
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    no_weights: NoWeightsOpt = False,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Deep Dream: amplify channels of a layer in a photo over an image pyramid; a plate of one image per channel."""
+    from ..features.dream import deep_dream
+    from ..render.figure import figure_png
+
+    _state["quiet"] = quiet
+    loaded = _load(model, arch, no_weights, trust_pickle, False, None)
+    result = deep_dream(
+        loaded,
+        load_image(image),
+        layer,
+        None if channels.strip().lower() == "all" else channels,
+        together=together,
+        octaves=octaves,
+        octave_scale=octave_scale,
+        iterations=iterations,
+        step=step,
+        seed=seed,
+        quiet=quiet,
+    )
+    path = _write(out, f"{image.stem}_dream_{_safe(result.layer)}.png", figure_png(result.figure()))
+    summary = {
+        "image": image.stem,
+        "layer": result.layer,
+        "images": [
+            {"channels": chs, "before": round(b, 6), "after": round(a, 6)}
+            for chs, b, a in zip(result.channels, result.before, result.after, strict=True)
+        ],
+        "seconds": round(result.stats["seconds"], 3),
+        "file": str(path),
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    raised = sum(a > b for a, b in zip(result.after, result.before, strict=True))
+    typer.echo(f"{image.stem} at {result.layer}: {raised}/{len(result.after)} objectives raised; plate: {path}")
