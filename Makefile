@@ -33,3 +33,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/gradcam.py
 	$(BIN)/python bench/methods.py
 	$(BIN)/python bench/perturbation.py
+	$(BIN)/python bench/features.py

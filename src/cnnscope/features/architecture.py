@@ -7,7 +7,7 @@ show are branches inside a block (a residual addition lives inside the block's b
 
 Steps: take the outermost called modules in call order; open containers (``nn.Sequential``) and any
 module shallower than ``depth``; then collapse consecutive repeats of the same pattern of (type,
-output shape), patterns of 1 to 8 modules, preferring the one that covers the most modules.
+output shape), patterns of 1 to 8 modules, choosing the split with the fewest boxes.
 """
 
 from __future__ import annotations
@@ -105,11 +105,14 @@ def _signature(call: LayerCall) -> tuple:
 
 
 def _collapse(rows: list[LayerCall]) -> list[Node]:
-    nodes: list[Node] = []
-    index = 0
+    """Fewest boxes: each box is one call or a pattern of up to MAX_PATTERN calls repeated; dynamic
+    programming over the start position (a greedy pass would let a stage's strided first convolution
+    pair with the block after it and misalign every repeat that follows)."""
     signatures = [_signature(row) for row in rows]
-    while index < len(rows):
-        best_length, best_repeat = 1, 1
+    count = len(rows)
+    best: list[tuple[int, int, int]] = [(0, 0, 0)] * (count + 1)  # (boxes, length, repeat) from i on
+    for index in range(count - 1, -1, -1):
+        choice = (1 + best[index + 1][0], 1, 1)
         for length in range(1, MAX_PATTERN + 1):
             pattern = signatures[index : index + length]
             if len(pattern) < length:
@@ -117,16 +120,21 @@ def _collapse(rows: list[LayerCall]) -> list[Node]:
             repeat = 1
             while signatures[index + repeat * length : index + (repeat + 1) * length] == pattern:
                 repeat += 1
-            if repeat > 1 and length * repeat > best_length * best_repeat:
-                best_length, best_repeat = length, repeat
-        span = rows[index : index + best_length * best_repeat]
-        kinds = " > ".join(row.type for row in span[:best_length])
+                candidate = (1 + best[index + repeat * length][0], length, repeat)
+                if candidate[0] < choice[0] or (candidate[0] == choice[0] and length * repeat > choice[1] * choice[2]):
+                    choice = candidate
+        best[index] = choice
+    nodes: list[Node] = []
+    index = 0
+    while index < count:
+        _, length, repeat = best[index]
+        span = rows[index : index + length * repeat]
         nodes.append(
             Node(
                 first=span[0].key,
                 last=span[-1].key if len(span) > 1 else "",
-                kind=kinds,
-                repeat=best_repeat,
+                kind=" > ".join(row.type for row in span[:length]),
+                repeat=repeat,
                 output_shape=tuple(span[-1].output_shape[1:]),
                 params=sum(row.params for row in span),
             )

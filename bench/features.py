@@ -1,0 +1,92 @@
+"""Activation maximization throughput: 8 classes optimized in one batch vs the same 8 one at a time, on the
+default model, from one run (run by hand: `make bench`). Interleaved runs, best of --repeat for each.
+
+Throughput = images x steps per second of optimization (setup and the final scoring excluded, as reported
+in ``Visualization.stats``). Also printed: one forward + backward to the input at batch 1 and 8, the floor
+that bounds any batching gain on this machine.
+
+Goal (issue #5): batched >= 3x the throughput of one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+
+import cnnscope
+from cnnscope.features import maximize
+
+CLASSES = [1, 963, 207, 417, 779, 285, 948, 980]  # goldfish pizza retriever balloon bus cat apple volcano
+
+
+def floor(model, count: int, size: int, repeat: int) -> float:
+    """Seconds per image of one forward + backward to the input (frozen weights, channels-last)."""
+    module = model.module.eval()
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        best = float("inf")
+        for _ in range(repeat + 1):
+            x = torch.rand(count, 3, size, size).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+            start = time.perf_counter()
+            torch.autograd.grad(module(x)[:, 1].sum(), x)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        for p, flag in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    return best / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sizes", default="224,128", help="image sides to measure")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    model = cnnscope.load_model()
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        batched, single = 0.0, 0.0
+        maximize(model, CLASSES[:2], steps=2, size=size, quiet=True)  # warm-up
+        for _ in range(args.repeat):
+            run = maximize(model, CLASSES, steps=args.steps, size=size, quiet=True)
+            batched = max(batched, run.stats["iterations_per_second"] * len(CLASSES))
+            seconds = 0.0
+            for cls in CLASSES:
+                alone = maximize(model, [cls], steps=args.steps, size=size, quiet=True)
+                seconds += 1.0 / alone.stats["iterations_per_second"]
+            single = max(single, len(CLASSES) / seconds)
+        one, eight = floor(model, 1, size, args.repeat), floor(model, 8, size, args.repeat)
+        rows.append(
+            {
+                "size": size,
+                "batched_images_per_s": round(batched, 2),
+                "one_at_a_time_images_per_s": round(single, 2),
+                "ratio": round(batched / single, 2),
+                "floor_ms_per_image_batch1": round(one * 1000, 1),
+                "floor_ms_per_image_batch8": round(eight * 1000, 1),
+                "floor_ratio": round(one / eight, 2),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"activation maximization, 8 classes, {args.steps} steps, best of {args.repeat} (goal: ratio >= 3)")
+    for row in rows:
+        print(
+            f"  {row['size']}x{row['size']}: batched {row['batched_images_per_s']:6.2f} img-steps/s, one at a time "
+            f"{row['one_at_a_time_images_per_s']:6.2f}  ratio {row['ratio']:.2f}x   (fwd+bwd floor: "
+            f"{row['floor_ms_per_image_batch1']} ms/img alone, {row['floor_ms_per_image_batch8']} in 8s: "
+            f"{row['floor_ratio']:.2f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
