@@ -1,7 +1,7 @@
 """What the network has learned, apart from one prediction: activation maximization, Deep Dream,
 filters, activations and the architecture diagram."""
 
-from .maximize import Visualization, maximize, total_variation
+from .maximization import Visualization, maximize, total_variation
 from .objectives import Objective, channel, class_logit, layer_activation, neuron, parse_objective
 from .transforms import Transforms
 
