@@ -29,7 +29,7 @@ def test_class_images_are_classified_as_their_class(default_model):
     for start, final in zip(result.start, result.final, strict=True):
         assert final > start + 10, (start, final)  # logits start near 0 and end above 20 here
     hits = sum(top[0].index == wanted for top, wanted in zip(result.predictions, CLASSES, strict=True))
-    # measured: 5 of 5 after 32 steps (each at p > 0.99); "most of a handful" is the promise
+    # measured: 5 of 5 after 32 steps (each at p >= 0.98); "most of a handful" is the promise
     assert hits >= 4, [top[0].name for top in result.predictions]
     assert result.history.shape == (32, 5)
     assert result.stats["steps_done"] == 32 and result.stats["iterations_per_second"] > 0
