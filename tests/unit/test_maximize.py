@@ -163,3 +163,18 @@ def test_max_seconds_returns_what_was_done():
     result = maximize(tiny_model(), [0], steps=50, size=16, quiet=True, max_seconds=0.0)
     assert result.stats["stopped_early"] and result.stats["steps_done"] == 0
     assert result.images.shape == (1, 16, 16, 3)
+
+
+def test_random_crops_stay_inside_the_image_and_colour_gains_stay_in_range():
+    generator = torch.Generator().manual_seed(0)
+    theta = Transforms(jitter=0.0, rotate=0.0, scale=(1.0, 1.0), crop=0.5).affine(200, (32, 32), generator)
+    extent = theta[:, 0, 0]
+    assert torch.equal(extent, theta[:, 1, 1]) and bool(((extent >= 0.5) & (extent <= 1.0)).all())
+    assert float(extent.min()) < 0.6 and float(extent.max()) > 0.9  # the whole range is drawn
+    # the crop's edges stay inside [-1, 1]: |shift| + extent <= 1
+    assert bool((theta[:, :, 2].abs() + extent[:, None] <= 1.0 + 1e-6).all())
+    ones = torch.ones(50, 3, 8, 8)
+    recoloured = Transforms(jitter=0.0, rotate=0.0, scale=(1.0, 1.0), colour=0.2)(ones, generator)
+    gains = recoloured[:, :, 0, 0]
+    assert bool(((gains >= 0.8) & (gains <= 1.2)).all()) and float(gains.std()) > 0.05
+    assert torch.equal(recoloured, gains[:, :, None, None].expand_as(recoloured))

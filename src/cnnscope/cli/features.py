@@ -119,6 +119,11 @@ def maximize(
     tv: Annotated[float, typer.Option("--tv", min=0.0, help="total-variation weight")] = 0.0,
     l2: Annotated[float, typer.Option("--l2", min=0.0, help="L2 weight")] = 0.0,
     no_transforms: Annotated[bool, typer.Option("--no-transforms", help="plain gradient ascent")] = False,
+    jitter: Annotated[float, typer.Option("--jitter", min=0.0, help="largest shift in pixels")] = 8.0,
+    rotate: Annotated[float, typer.Option("--rotate", min=0.0, help="largest rotation in degrees")] = 10.0,
+    scale: Annotated[str, typer.Option("--scale", help="zoom range LOW,HIGH")] = "0.9,1.1",
+    crop: Annotated[float, typer.Option("--crop", min=0.01, max=1.0, help="smallest random crop (1: none)")] = 1.0,
+    colour: Annotated[float, typer.Option("--colour", min=0.0, help="largest relative colour gain change")] = 0.0,
     seed: SeedOpt = 0,
     out: OutOpt = Path("cnnscope-out"),
     model: ModelOpt = DEFAULT_MODEL,
@@ -143,6 +148,15 @@ def maximize(
     )
     if not specs:
         raise InputError("nothing to maximize: give --class, --channel, --neuron or --objective")
+    try:
+        low, high = (float(part) for part in scale.split(","))
+    except ValueError:
+        raise InputError(f"--scale needs two numbers LOW,HIGH such as 0.9,1.1; got {scale!r}") from None
+    transforms = (
+        Transforms.none()
+        if no_transforms
+        else Transforms(jitter=jitter, rotate=rotate, scale=(low, high), crop=crop, colour=colour)
+    )
     loaded = _load(model, arch, no_weights, trust_pickle, False, None)
     result = run_maximize(
         loaded,
@@ -151,7 +165,7 @@ def maximize(
         param=param,
         steps=steps,
         lr=lr,
-        transforms=Transforms.none() if no_transforms else None,
+        transforms=transforms,
         tv=tv,
         l2=l2,
         seed=seed,

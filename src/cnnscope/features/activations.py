@@ -89,6 +89,11 @@ class LayerActivations:
         with open(path, "wb") as handle:
             handle.write(figure_png(self.figure()))
 
+    def _repr_png_(self) -> bytes:
+        from ..render.figure import figure_png
+
+        return figure_png(self.figure())
+
 
 def layer_activations(
     model: Model | str | torch.nn.Module, image: object, layer: str | None = None

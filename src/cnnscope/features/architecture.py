@@ -63,6 +63,9 @@ class Diagram:
 
         return diagram_png(self)
 
+    def _repr_svg_(self) -> str:
+        return self.svg()
+
     def save(self, path: str) -> None:
         """SVG or PNG by the file's suffix."""
         if str(path).lower().endswith(".svg"):

@@ -35,6 +35,11 @@ class FilterPlate:
 
         save_png(self.image, path)
 
+    def _repr_png_(self) -> bytes:
+        from ..render.overlay import png_bytes
+
+        return png_bytes(self.image)
+
 
 def first_conv(model: Model) -> str:
     """The key of the first Conv2d in call order that reads 3 channels (the RGB input)."""
