@@ -54,7 +54,7 @@ def page(server):
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         page = context.new_page()
         page.goto(server)
-        page.wait_for_selector("#sample option[value=chelsea]", state="attached")
+        page.wait_for_selector("body[data-ready=true]", state="attached")
         yield page
         browser.close()
 
@@ -97,3 +97,27 @@ def test_compare_methods_side_by_side(page):
     page.wait_for_function("document.querySelector('#caption').textContent.includes('espresso')")
     page.click("#compare")
     page.wait_for_function("document.querySelectorAll('#panels figure').length === 3", timeout=60000)
+
+
+def test_download_is_the_photo_with_the_overlay_at_the_chosen_opacity(page, tmp_path):
+    from cnnscope.samples import sample_image
+
+    photo = sample_image("chelsea").astype(np.float32)
+    page.select_option("#sample", "chelsea")
+    page.wait_for_function("document.querySelector('#caption').textContent.includes('Egyptian cat')")
+    page.wait_for_function("!document.querySelector('#download').disabled")
+    saved = {}
+    for opacity in ("0", "0.8"):
+        page.eval_on_selector("#opacity", f"el => {{ el.value = '{opacity}'; el.dispatchEvent(new Event('input')); }}")
+        with page.expect_download() as info:
+            page.click("#download")
+        download = info.value
+        assert download.suggested_filename.startswith("cnnscope-") and download.suggested_filename.endswith(".png")
+        path = tmp_path / f"overlay-{opacity}.png"
+        download.save_as(str(path))
+        with Image.open(path) as picture:
+            saved[opacity] = np.asarray(picture.convert("RGB"), dtype=np.float32)
+    # at the photo's own size; at opacity 0 the photo itself, at 0.8 mostly the heatmap's colours
+    assert saved["0"].shape == photo.shape == saved["0.8"].shape
+    assert np.abs(saved["0"] - photo).mean() < 1.0
+    assert np.abs(saved["0.8"] - photo).mean() > 20.0

@@ -1,7 +1,7 @@
 "use strict";
 // cnnscope page: every list (methods, their options, models, labels) comes from the API.
 const $ = (id) => document.getElementById(id);
-const state = { file: null, sample: null, methods: [], labels: [], target: null, objectUrl: null };
+const state = { file: null, sample: null, methods: [], labels: [], target: null, objectUrl: null, image: 0, request: 0 };
 
 function message(text) { $("message").textContent = text || ""; }
 
@@ -54,7 +54,9 @@ function renderOptions() {
 }
 
 async function predict() {
+  const image = state.image;
   const body = await api("/api/predict", imageForm());
+  if (image !== state.image) return null;  // another image was chosen meanwhile: drop this answer
   const list = $("top5");
   list.innerHTML = "";
   body.predictions.forEach((p) => {
@@ -84,9 +86,11 @@ async function explainWith(method, target, overlay = false) {
 async function explain(target) {
   if (!state.file && !state.sample) { message("choose an image first"); return; }
   state.target = target;
+  const request = ++state.request;
   message("explaining…");
   try {
     const body = await explainWith($("method").value, target);
+    if (request !== state.request) return;  // a newer request (image, class, method) replaced this one
     const map = body.maps[0];
     $("heat").src = `data:image/png;base64,${map.heatmap_png}`;
     $("heat").style.opacity = $("opacity").value;
@@ -98,7 +102,7 @@ async function explain(target) {
       li.classList.toggle("active", li.dataset.classIndex === String(map.class_index)));
     $("download").disabled = false;
     message("");
-  } catch (error) { message(error.message); }
+  } catch (error) { if (request === state.request) message(error.message); }
 }
 
 async function compare() {
@@ -119,7 +123,8 @@ async function compare() {
 }
 
 async function useImage(file, sample) {
-  state.file = file; state.sample = sample;
+  state.file = file; state.sample = sample; state.image += 1; state.request += 1;  // answers for the old image are dropped
+  const image = state.image;
   if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
   state.objectUrl = file ? URL.createObjectURL(file) : null;
   $("photo").src = file ? state.objectUrl : `/api/samples/${sample}`;
@@ -127,8 +132,8 @@ async function useImage(file, sample) {
   message("classifying…");
   try {
     const predictions = await predict();
-    await explain(String(predictions[0].class_index));
-  } catch (error) { message(error.message); }
+    if (predictions) await explain(String(predictions[0].class_index));
+  } catch (error) { if (image === state.image) message(error.message); }
 }
 
 function download() {
@@ -163,7 +168,6 @@ async function start() {
     $("compareMethods").append(label);
   }
   renderOptions();
-  await loadLabels();
   $("method").addEventListener("change", () => { renderOptions(); if (state.target) explain(state.target); });
   $("model").addEventListener("change", async () => { await loadLabels(); if (state.file || state.sample) useImage(state.file, state.sample); });
   $("sample").addEventListener("change", (e) => { if (e.target.value) useImage(null, e.target.value); });
@@ -183,6 +187,8 @@ async function start() {
   });
   $("compare").addEventListener("click", compare);
   $("download").addEventListener("click", download);
+  await loadLabels();
+  document.body.dataset.ready = "true";  // every control is wired (tests wait for this)
 }
 
 async function loadLabels() {
