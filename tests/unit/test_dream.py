@@ -50,3 +50,13 @@ def test_bad_dream_input(default_model, chelsea):
         deep_dream(default_model, chelsea, "_blocks.3", "38-41", iterations=1)
     with pytest.raises(InputError, match="octave_scale > 1"):
         deep_dream(default_model, chelsea, "_blocks.3", "1", octave_scale=1.0)
+
+
+def test_models_with_a_fixed_input_size_are_told_why():
+    from cnnscope import ModelError
+    from cnnscope.testing.models import tiny_vit
+
+    vit = tiny_vit()
+    photo = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    with pytest.raises(ModelError, match="fixed input size"):
+        deep_dream(vit, photo, vit.default_layer().key, "0-1", octaves=2, iterations=1)

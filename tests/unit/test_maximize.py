@@ -178,3 +178,19 @@ def test_random_crops_stay_inside_the_image_and_colour_gains_stay_in_range():
     gains = recoloured[:, :, 0, 0]
     assert bool(((gains >= 0.8) & (gains <= 1.2)).all()) and float(gains.std()) > 0.05
     assert torch.equal(recoloured, gains[:, :, None, None].expand_as(recoloured))
+
+
+def test_transformer_channels_and_black_boxes():
+    import cnnscope
+    from cnnscope import MethodError
+    from cnnscope.testing.models import tiny_vit
+
+    vit = tiny_vit()
+    layer = vit.default_layer().key  # patch tokens, read as a (D, h, w) grid
+    result = maximize(vit, [f"channel:{layer}:3"], steps=10, seed=0, quiet=True)
+    assert result.final[0] > result.start[0]
+    black_box = cnnscope.load_model(lambda x: np.ones((len(x), 3)), preprocess=cnnscope.Preprocess((32, 32)))
+    with pytest.raises(MethodError, match="differentiable PyTorch model"):
+        maximize(black_box, [1], steps=2, quiet=True)
+    with pytest.raises(InputError, match="not float"):
+        maximize(vit, 3.5, steps=1)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, MethodError, ModelError
 from ..hooks import capture, forward_until
 from ..io import load_image
 from ..methods.base import auto_images_per_pass
@@ -164,8 +164,20 @@ def deep_dream(
 
     def objective_values(images: torch.Tensor, rows: list, record) -> torch.Tensor:
         x = ((images - mean) / std).contiguous(memory_format=torch.channels_last)
-        forward_until(model.module, x)
+        try:
+            forward_until(model.module, x)
+        except Exception as exc:
+            raise ModelError(
+                f"the model failed on a {x.shape[-2]}x{x.shape[-1]} input ({type(exc).__name__}: {exc}); Deep "
+                "Dream runs the photo at several sizes, which models with a fixed input size (vision transformers) "
+                "cannot take: use a convolutional model"
+            ) from exc
         acts = record.activations[ref.key]
+        if not acts.requires_grad and torch.is_grad_enabled():
+            raise MethodError(
+                f"layer {ref.key!r} carries no gradients (a black-box function, or a forward under no_grad); "
+                "Deep Dream needs a differentiable PyTorch model"
+            )
         return torch.cat([rows[i].evaluate({ref.key: acts[i : i + 1]}, None) for i in range(len(rows))])
 
     with (

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, MethodError
 from ..hooks import capture, forward_until
 from ..methods.base import auto_images_per_pass
 from ..models import Model, load_model
@@ -110,6 +110,11 @@ class _Scorer:
             x = inputs[start:stop].detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
             logits = forward_until(self.model.module, x)
             value = self.values(record, logits, range(start, stop))
+            if not value.requires_grad:
+                raise MethodError(
+                    "this model's outputs carry no gradients (a black-box function, or a forward under no_grad); "
+                    "activation maximization needs a differentiable PyTorch model"
+                )
             (grad,) = torch.autograd.grad(value.sum(), x)
             grads.append(grad)
             values.append(value.detach())
@@ -161,7 +166,7 @@ def maximize(
         max_seconds: stop early and return the images so far (``stats["stopped_early"]``).
     """
     model = load_model(model)
-    if isinstance(objectives, (Objective, str, int)):
+    if isinstance(objectives, (Objective, str, int)) or not isinstance(objectives, Sequence):
         objectives = [objectives]
     wanted = [as_objective(objective) for objective in objectives]
     if not wanted:
