@@ -60,3 +60,24 @@ def test_models_with_a_fixed_input_size_are_told_why():
     photo = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
     with pytest.raises(ModelError, match="fixed input size"):
         deep_dream(vit, photo, vit.default_layer().key, "0-1", octaves=2, iterations=1)
+
+
+def test_nothing_is_left_behind_when_the_forward_fails(default_model, chelsea):
+    from cnnscope import ModelError
+    from cnnscope.testing import Snapshot
+
+    before = Snapshot.take(default_model.module)
+    calls = {"n": 0}
+
+    def fail_later(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after two successful passes, in the middle of the ascent
+            raise RuntimeError("injected failure")
+
+    handle = default_model.module._blocks[3].register_forward_hook(fail_later)
+    try:
+        with pytest.raises(ModelError, match="injected failure"):
+            deep_dream(default_model, chelsea, "_blocks.3", "0-1", octaves=2, iterations=3)
+    finally:
+        handle.remove()
+    assert not before.differences(Snapshot.take(default_model.module))

@@ -52,3 +52,12 @@ def test_activations_are_the_layer_output_sorted_by_mean(default_model, chelsea)
     assert result.mosaic().shape[2] == 3
     with pytest.raises(InputError, match="not a feature map"):
         layer_activations(default_model, chelsea, "_fc")
+
+
+def test_pictures_leave_the_model_as_it_was(default_model, chelsea):
+    from cnnscope import architecture
+    from cnnscope.testing import check_untouched
+
+    check_untouched(lambda: filter_plate(default_model, "_blocks.3._project_conv", mode="channels"), default_model)
+    check_untouched(lambda: layer_activations(default_model, chelsea, "_swish@0"), default_model)
+    check_untouched(lambda: architecture(default_model), default_model)
