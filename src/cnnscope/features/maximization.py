@@ -87,9 +87,9 @@ class _Scorer:
         self.model, self.bound, self.per_pass = model, bound, per_pass
         self.refs = list(dict.fromkeys(ref for objective in bound for ref in objective.layers))
         self.needs_logits = any(objective.uses_logits for objective in bound)
-        size = model.preprocess
-        self.mean = torch.tensor(size.mean, device=model.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(size.std, device=model.device).view(1, 3, 1, 1)
+        preprocess = model.preprocess
+        self.mean = torch.tensor(preprocess.mean, device=model.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess.std, device=model.device).view(1, 3, 1, 1)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
