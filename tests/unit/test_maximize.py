@@ -75,6 +75,10 @@ def test_objectives_add_and_scale_like_numbers(default_model, default_batch):
     va, vb, vc, vcombined, vtext = (part.evaluate(acts, logits) for part in parts)
     torch.testing.assert_close(vcombined, va + 0.5 * vb - 0.5 * vc)
     torch.testing.assert_close(vtext, vcombined)
+    tight = parse_objective("class:285 +0.5*channel:_blocks.10:3 -0.5*neuron:_blocks.10:5").bind(default_model)
+    torch.testing.assert_close(tight.evaluate(acts, logits), vcombined)
+    negated = parse_objective("-class:285").bind(default_model)
+    torch.testing.assert_close(negated.evaluate(acts, logits), -va)
     # each term is what it says, computed here directly
     layer = record.activations["_blocks.10"]
     torch.testing.assert_close(va, logits[:, 285])

@@ -11,6 +11,7 @@ Kinds are registered in ``OBJECTIVES``: ``class``, ``logprob``, ``channel``, ``n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -248,7 +249,7 @@ def parse_objective(text: str) -> Objective:
     sign = 1.0
     for part in _tokens(text):
         if part in ("+", "-"):
-            sign = 1.0 if part == "+" else -1.0
+            sign = sign if part == "+" else -sign
             continue
         weight = sign
         body = part
@@ -269,20 +270,10 @@ def parse_objective(text: str) -> Objective:
 
 
 def _tokens(text: str) -> list[str]:
-    """Split on ' + ' and ' - ' between terms (a '-' inside a name such as 'ping-pong ball' stays)."""
-    parts: list[str] = []
-    current = ""
-    for word in text.split(" "):
-        if word in ("+", "-"):
-            if current.strip():
-                parts.append(current.strip())
-            parts.append(word)
-            current = ""
-        else:
-            current += " " + word
-    if current.strip():
-        parts.append(current.strip())
-    return parts
+    """Terms and the '+'/'-' between them: an operator is a sign at the start or after a space, so the '-'
+    inside a name such as 'ping-pong ball' stays part of it."""
+    pieces = re.split(r"(?:^|\s)([+-])\s*", text.strip())
+    return [piece.strip() for piece in pieces if piece and piece.strip()]
 
 
 def as_objective(value: Objective | str | int) -> Objective:
