@@ -349,7 +349,10 @@ class LIME(PerturbationMethod):
     (antithetic sampling): every superpixel is then on in exactly half of the samples and the surrogate's
     coefficients vary about a third less from seed to seed on the default model (0.66-0.69x the spread
     of ``"independent"`` samples, as the ``lime`` package draws them, at 600 samples): about twice the
-    samples' worth. Seeded (``seed``): the same call gives the same answer, unlike the ``lime`` package. With
+    samples' worth. Seeded (``seed``): the same call gives the same answer, unlike the ``lime`` package, and
+    a run of fewer samples uses the first samples of a longer run with the same seed (600 samples in bf16
+    find the same top-5 superpixels as the 1,000-sample fp32 run on all four sample photos, in 2.7-3.0 s
+    instead of 7.7-8.5 s: bench/perturbation.py). With
     ``converge=True`` sampling stops (after ``min_samples``, checked every 50 samples) once the ``top``-th
     superpixel beats the next by three standard errors of the surrogate's coefficients, so that more
     samples would not change the top set; ``stats["samples_used"]`` says how many were used. On the
