@@ -180,37 +180,39 @@ def deep_dream(
             )
         return torch.cat([rows[i].evaluate({ref.key: acts[i : i + 1]}, None) for i in range(len(rows))])
 
-    with (
-        preserved(model.module, freeze=True),
-        torch.inference_mode(False),
-        torch.enable_grad(),
-        capture(model.module, [ref], stop=True) as record,
-    ):
-        for start in range(0, len(bound), per_pass):
-            rows = bound[start : start + per_pass]
-            count = len(rows)
-            photo_full = F.interpolate(base, size=full, mode="bilinear", align_corners=False, antialias=True)
-            with torch.no_grad():
-                before.extend(objective_values(photo_full.expand(count, -1, -1, -1), rows, record).tolist())
-            detail = torch.zeros(count, 3, *sizes[0], device=model.device)
-            for octave_size in sizes:
-                shrunk = F.interpolate(base, size=octave_size, mode="bilinear", align_corners=False, antialias=True)
-                detail = F.interpolate(detail, size=octave_size, mode="bilinear", align_corners=False)
-                dreamed = (shrunk + detail).clamp(0, 1)
-                for _ in range(iterations):
-                    shift = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
-                    rolled = dreamed.roll(shifts=shift, dims=(2, 3)).detach().requires_grad_(True)
-                    values = objective_values(rolled, rows, record)
-                    (grad,) = torch.autograd.grad(values.sum(), rolled)
-                    grad = grad.roll(shifts=[-shift[0], -shift[1]], dims=(2, 3))
-                    scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12)
-                    dreamed = (dreamed + step * grad / scale).clamp(0, 1).detach()
-                    progress.update(count)
-                detail = dreamed - shrunk
-            with torch.no_grad():
-                after.extend(objective_values(dreamed, rows, record).tolist())
-            results.append(dreamed.detach())
-    progress.close()
+    try:
+        with (
+            preserved(model.module, freeze=True),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            capture(model.module, [ref], stop=True) as record,
+        ):
+            for start in range(0, len(bound), per_pass):
+                rows = bound[start : start + per_pass]
+                count = len(rows)
+                photo_full = F.interpolate(base, size=full, mode="bilinear", align_corners=False, antialias=True)
+                with torch.no_grad():
+                    before.extend(objective_values(photo_full.expand(count, -1, -1, -1), rows, record).tolist())
+                detail = torch.zeros(count, 3, *sizes[0], device=model.device)
+                for octave_size in sizes:
+                    shrunk = F.interpolate(base, size=octave_size, mode="bilinear", align_corners=False, antialias=True)
+                    detail = F.interpolate(detail, size=octave_size, mode="bilinear", align_corners=False)
+                    dreamed = (shrunk + detail).clamp(0, 1)
+                    for _ in range(iterations):
+                        shift = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+                        rolled = dreamed.roll(shifts=shift, dims=(2, 3)).detach().requires_grad_(True)
+                        values = objective_values(rolled, rows, record)
+                        (grad,) = torch.autograd.grad(values.sum(), rolled)
+                        grad = grad.roll(shifts=[-shift[0], -shift[1]], dims=(2, 3))
+                        scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12)
+                        dreamed = (dreamed + step * grad / scale).clamp(0, 1).detach()
+                        progress.update(count)
+                    detail = dreamed - shrunk
+                with torch.no_grad():
+                    after.extend(objective_values(dreamed, rows, record).tolist())
+                results.append(dreamed.detach())
+    finally:
+        progress.close()
     dreamed_all = torch.cat(results)
     back = F.interpolate(dreamed_all, size=photo.shape[:2], mode="bilinear", align_corners=False)
     pixels = (back.permute(0, 2, 3, 1).cpu().numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)

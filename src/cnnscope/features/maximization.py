@@ -189,40 +189,42 @@ def maximize(
         raise InputError(f"images_per_pass must be at least 1, got {per_pass}")
     scorer = _Scorer(model, bound, per_pass)
     generator = torch.Generator().manual_seed(int(seed))
-    image_param = make_param(param, len(bound), size, generator, decorrelate=decorrelate)
+    image_param = make_param(param, len(bound), size, generator, decorrelate=decorrelate, device=model.device)
     optimizer = torch.optim.Adam(image_param.parameters(), lr=lr)
     history: list[torch.Tensor] = []
     progress = Progress(steps, "maximize", quiet=quiet, max_seconds=max_seconds)
     started = time.perf_counter()
     stopped_early = False
-    with preserved(model.module, freeze=True), torch.inference_mode(False), torch.enable_grad():
-        with torch.no_grad():
-            start_values, _ = scorer.evaluate(image_param.image())
-        optimize_started = time.perf_counter()
-        with capture(model.module, scorer.refs, stop=not scorer.needs_logits) as record:
-            for _ in range(steps):
-                if progress.should_stop():
-                    stopped_early = True
-                    break
-                image = image_param.image()
-                seen = transforms(image, generator)
-                inputs = scorer.normalize(seen)
-                values, grads = scorer.gradient(inputs, record)
-                loss = -(inputs * grads).sum()
-                if tv > 0:
-                    loss = loss + tv * total_variation(image).sum()
-                if l2 > 0:
-                    loss = loss + l2 * (image - 0.5).square().mean(dim=(1, 2, 3)).sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                history.append(values)
-                progress.update()
-        optimize_seconds = time.perf_counter() - optimize_started
-        with torch.no_grad():
-            result = image_param.image().detach()
-            final_values, logits = scorer.evaluate(result)
-    progress.close()
+    try:
+        with preserved(model.module, freeze=True), torch.inference_mode(False), torch.enable_grad():
+            with torch.no_grad():
+                start_values, _ = scorer.evaluate(image_param.image())
+            optimize_started = time.perf_counter()
+            with capture(model.module, scorer.refs, stop=not scorer.needs_logits) as record:
+                for _ in range(steps):
+                    if progress.should_stop():
+                        stopped_early = True
+                        break
+                    image = image_param.image()
+                    seen = transforms(image, generator)
+                    inputs = scorer.normalize(seen)
+                    values, grads = scorer.gradient(inputs, record)
+                    loss = -(inputs * grads).sum()
+                    if tv > 0:
+                        loss = loss + tv * total_variation(image).sum()
+                    if l2 > 0:
+                        loss = loss + l2 * (image - 0.5).square().mean(dim=(1, 2, 3)).sum()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    history.append(values)
+                    progress.update()
+            optimize_seconds = time.perf_counter() - optimize_started
+            with torch.no_grad():
+                result = image_param.image().detach()
+                final_values, logits = scorer.evaluate(result)
+    finally:
+        progress.close()
     done = len(history)
     pixels = (result.permute(0, 2, 3, 1).cpu().numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
     return Visualization(

@@ -55,11 +55,20 @@ class PixelParam(ImageParam):
     name = "pixel"
 
     def __init__(
-        self, count: int, size: tuple[int, int], *, generator: torch.Generator, std: float = 0.01, decorrelate=True
+        self,
+        count: int,
+        size: tuple[int, int],
+        *,
+        generator: torch.Generator,
+        std: float = 0.01,
+        decorrelate: bool = True,
+        device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(count, size)
-        self.colours = _colour_matrix(decorrelate)
-        self.pixels = (torch.randn(count, 3, *self.size, generator=generator) * std).requires_grad_(True)
+        self.colours = _colour_matrix(decorrelate).to(device)
+        # drawn on the CPU generator, so a seed gives the same start on any device
+        pixels = torch.randn(count, 3, *self.size, generator=generator) * std
+        self.pixels = pixels.to(device).requires_grad_(True)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.pixels]
@@ -86,6 +95,7 @@ class FourierParam(ImageParam):
         std: float = 0.01,
         decay: float = 1.0,
         decorrelate: bool = True,
+        device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(count, size)
         height, width = self.size
@@ -94,10 +104,11 @@ class FourierParam(ImageParam):
         frequency = torch.sqrt(fx * fx + fy * fy)
         # the 1/f scale, the zero frequency counted as the lowest non-zero one (with the orthonormal
         # inverse FFT this equals lucid's scale * sqrt(h * w) with the default 1/(h * w) inverse)
-        self.scale = 1.0 / frequency.clamp(min=1.0 / max(height, width)) ** decay
-        self.colours = _colour_matrix(decorrelate)
+        self.scale = (1.0 / frequency.clamp(min=1.0 / max(height, width)) ** decay).to(device)
+        self.colours = _colour_matrix(decorrelate).to(device)
         shape = (count, 3, height, width // 2 + 1, 2)
-        self.spectrum = (torch.randn(shape, generator=generator) * std).requires_grad_(True)
+        spectrum = torch.randn(shape, generator=generator) * std
+        self.spectrum = spectrum.to(device).requires_grad_(True)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.spectrum]
@@ -113,11 +124,17 @@ PARAMETERIZATIONS = {"fourier": FourierParam, "pixel": PixelParam}
 
 
 def make_param(
-    kind: str, count: int, size: tuple[int, int], generator: torch.Generator, *, decorrelate: bool = True
+    kind: str,
+    count: int,
+    size: tuple[int, int],
+    generator: torch.Generator,
+    *,
+    decorrelate: bool = True,
+    device: torch.device | str = "cpu",
 ) -> ImageParam:
     """``kind`` is ``"fourier"`` or ``"pixel"``."""
     try:
         cls = PARAMETERIZATIONS[kind]
     except KeyError:
         raise InputError(f"unknown parameterization {kind!r}; choose 'fourier' or 'pixel'") from None
-    return cls(count, size, generator=generator, decorrelate=decorrelate)
+    return cls(count, size, generator=generator, decorrelate=decorrelate, device=device)
