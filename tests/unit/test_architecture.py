@@ -20,6 +20,9 @@ def test_default_model_collapses_its_blocks(default_model):
     # the shared activation shows up twice, at the stem and at the head
     keys = [node.first for node in diagram.nodes]
     assert keys.index("_swish@0") < keys.index("_blocks.0") < keys.index("_swish@1")
+    opened = architecture(default_model, depth=2)  # the MBConv blocks opened into their layers
+    assert len(opened.nodes) > 30 and sum(node.params for node in opened.nodes) == diagram.total_params
+    assert opened.nodes[0].first == "_conv_stem"  # a convolution with a padding child stays one box
     svg = diagram.svg()
     root = ET.fromstring(svg)
     texts = [element.text for element in root.iter("{http://www.w3.org/2000/svg}text")]

@@ -95,8 +95,12 @@ def _select(calls: list[LayerCall], modules: dict[str, nn.Module], depth: int) -
 
     def expand(call: LayerCall) -> list[LayerCall]:
         inner = children.get(call.name, [])
-        opened = isinstance(modules.get(call.name), nn.Sequential) or call.depth < depth - 1
-        if inner and opened and call.call == 0:
+        module = modules.get(call.name)
+        # a module with parameters of its own computes something itself (a convolution with a padding
+        # child): opening it would hide that computation, so only pure containers open
+        own = module is not None and any(p is not None for p in module._parameters.values())
+        opened = isinstance(module, nn.Sequential) or call.depth < depth
+        if inner and opened and not own and call.call == 0:
             return [row for child in inner for row in expand(child)]
         return [call]
 
@@ -148,7 +152,8 @@ def _collapse(rows: list[LayerCall]) -> list[Node]:
 
 def architecture(model: Model | str | nn.Module, *, depth: int = 0, collapse: bool = True) -> Diagram:
     """The diagram of ``model``. ``depth``: also open every module nested less than this deep (0: only
-    containers); ``collapse=False`` draws every call."""
+    ``nn.Sequential`` containers; 1: also the top-level modules; 2: also their children...), except
+    modules with parameters of their own; ``collapse=False`` draws every call."""
     model = load_model(model)
     calls = model.calls()
     modules = dict(model.module.named_modules())
