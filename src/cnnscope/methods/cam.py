@@ -172,15 +172,10 @@ class CAMBase(Method):
         activations = [record[ref.key] for ref in refs]
         targets = resolve(logits)
         k_total = targets.shape[1]
-        per_layer: list[list[torch.Tensor]] = [[] for _ in refs]
-        for k in range(k_total):
-            column = targets[:, k : k + 1]
-            picked = (logits.gather(1, column.clamp_min(0)) * (column >= 0).to(logits.dtype)).sum()
-            for index, grad in enumerate(torch.autograd.grad(picked, activations, retain_graph=k < k_total - 1)):
-                per_layer[index].append(grad)
+        per_layer = layer_target_gradients(logits, activations, targets)
         results = {}
         for ref, acts, grads in zip(refs, activations, per_layer, strict=True):
-            gradients = adapters[ref.key](torch.stack(grads, dim=1))
+            gradients = adapters[ref.key](grads)
             if self.config.get("counterfactual"):
                 gradients = -gradients
             detached = adapters[ref.key](acts.detach())
@@ -276,6 +271,19 @@ def spatial_mean(gradients: torch.Tensor) -> torch.Tensor:
     if gradients.stride(-1) == 0 and gradients.stride(-2) == 0:
         return gradients[..., 0, 0]
     return gradients.mean(dim=(-2, -1))
+
+
+def layer_target_gradients(
+    logits: torch.Tensor, activations: list[torch.Tensor], targets: torch.Tensor
+) -> list[torch.Tensor]:
+    """:func:`target_gradients` for several layers from one backward call: one (B, K, ...) tensor per layer."""
+    k = targets.shape[1]
+    picked = logits.gather(1, targets.clamp_min(0)) * (targets >= 0).to(logits.dtype)
+    if k == 1:
+        return [grad.unsqueeze(1) for grad in torch.autograd.grad(picked.sum(), activations)]
+    selectors = torch.eye(k, dtype=logits.dtype, device=logits.device)[:, None, :].expand(k, *picked.shape)
+    grads = torch.autograd.grad(picked, activations, grad_outputs=selectors, is_grads_batched=True)
+    return [grad.transpose(0, 1) for grad in grads]
 
 
 def target_gradients(
