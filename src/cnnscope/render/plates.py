@@ -77,7 +77,8 @@ def plate_figure(
     """A grid of pictures with a caption above each (at most a few dozen; use :func:`mosaic` beyond)."""
     cols = columns or columns_for(len(images))
     rows = math.ceil(len(images) / cols)
-    fig = Figure(figsize=(cell * cols, cell * rows + (0.4 if title else 0.1)), layout="constrained")
+    aspect = images[0].shape[0] / max(1, images[0].shape[1])  # rows as tall as the pictures, plus a caption
+    fig = Figure(figsize=(cell * cols, (cell * aspect + 0.35) * rows + (0.4 if title else 0.1)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for axis in axes:
         axis.set_axis_off()
