@@ -25,6 +25,8 @@ def test_together_and_whole_layer_give_one_image(default_model, chelsea):
     assert together.images.shape[0] == 1 and together.channels == [[3, 9]]
     assert whole.images.shape[0] == 1 and whole.channels == [[]]
     assert together.after[0] > together.before[0] and whole.after[0] > whole.before[0]
+    assert together.captions() == [f"ch 3,9: {together.before[0]:.2f} -> {together.after[0]:.2f}"]
+    assert together._repr_png_()[:4] == b"\x89PNG"
 
 
 def test_a_seed_repeats_the_dream_and_the_model_is_untouched(default_model, chelsea):

@@ -163,10 +163,12 @@ def test_bad_input_says_what_to_do(default_model):
         Transforms(scale=(1.2, 1.0))
 
 
-def test_max_seconds_returns_what_was_done():
-    result = maximize(tiny_model(), [0], steps=50, size=16, quiet=True, max_seconds=0.0)
+def test_max_seconds_returns_what_was_done(tmp_path):
+    result = maximize(tiny_model(), [0, 1], steps=50, size=16, quiet=True, max_seconds=0.0)
     assert result.stats["stopped_early"] and result.stats["steps_done"] == 0
-    assert result.images.shape == (1, 16, 16, 3)
+    assert result.images.shape == (2, 16, 16, 3)
+    result.save(str(tmp_path / "plate.png"))
+    assert (tmp_path / "plate.png").read_bytes()[:4] == b"\x89PNG" and result._repr_png_()[:4] == b"\x89PNG"
 
 
 def test_random_crops_stay_inside_the_image_and_colour_gains_stay_in_range():
