@@ -11,6 +11,7 @@ what was computed is returned, with ``stats["stopped_early"]`` set.
 from __future__ import annotations
 
 import math
+import threading
 from typing import ClassVar
 
 import numpy as np
@@ -58,7 +59,18 @@ class PerturbationMethod(Method):
                 outputs.append(self.model.probabilities(logits) if kind == "probability" else logits)
         return torch.cat(outputs)
 
-    _precision = "fp32"
+    @property
+    def _call(self) -> threading.local:
+        """State of the call in progress, per thread: one method object may serve several threads."""
+        return self.__dict__.setdefault("_call_state", threading.local())
+
+    @property
+    def _precision(self) -> str:
+        return getattr(self._call, "precision", "fp32")
+
+    @_precision.setter
+    def _precision(self, value: str) -> None:
+        self._call.precision = value
 
     def base_scores(self, batch: torch.Tensor, kind: str) -> torch.Tensor:
         """Unperturbed scores image by image, so an image's map does not depend on its batch mates
@@ -399,9 +411,8 @@ class LIME(PerturbationMethod):
             max_seconds=self.config["max_seconds"],
         )
         for b in range(batch.shape[0]):
-            coefficients, r2, used, passes, stopped = self._explain_one(batch[b : b + 1], targets[b], progress)
+            coefficients, r2, used, passes, stopped, labels = self._explain_one(batch[b : b + 1], targets[b], progress)
             forwards += passes
-            labels = self._labels
             maps[b] = torch.from_numpy(coefficients.T[:, labels]).float().to(batch.device)
             top = int(self.config["top"])
             extra["r2"].append([float(v) for v in r2])
@@ -424,7 +435,6 @@ class LIME(PerturbationMethod):
             int(self.config["segments"]),
             dict(self.config["segmentation_options"] or {}),
         )
-        self._labels = labels
         count = int(labels.max()) + 1
         label_tensor = torch.from_numpy(labels).to(image.device)
         if self.config["fill"] == "mean":
@@ -471,7 +481,7 @@ class LIME(PerturbationMethod):
                 break
         if not self.config["converge"] or used >= total or stopped:
             coefficients, r2, _ = self._fit(switches[:used], scores[:used])
-        return coefficients, r2, used, passes, stopped
+        return coefficients, r2, used, passes, stopped, labels
 
     def _fit(self, switches: np.ndarray, scores: np.ndarray):
         distances = 1.0 - (switches @ np.ones(switches.shape[1])) / (
