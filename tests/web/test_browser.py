@@ -121,3 +121,31 @@ def test_download_is_the_photo_with_the_overlay_at_the_chosen_opacity(page, tmp_
     assert saved["0"].shape == photo.shape == saved["0.8"].shape
     assert np.abs(saved["0"] - photo).mean() < 1.0
     assert np.abs(saved["0.8"] - photo).mean() > 20.0
+
+
+def test_a_late_answer_for_the_previous_photo_is_dropped(page):
+    held = []
+
+    def hold_the_cat(route):
+        body = route.request.post_data_buffer or b""
+        if not held and b"chelsea" in body:
+            held.append(route)  # answered only after the next photo's explanation is on screen
+        else:
+            route.continue_()
+
+    page.route("**/api/explain", hold_the_cat)
+    try:
+        page.select_option("#sample", "chelsea")
+        page.wait_for_function("document.querySelectorAll('#top5 li').length === 5")
+        deadline = time.time() + 30
+        while not held and time.time() < deadline:
+            page.wait_for_timeout(50)
+        assert held, "the explanation request for the first photo was not seen"
+        page.select_option("#sample", "coffee")
+        page.wait_for_function("document.querySelector('#caption').textContent.includes('espresso')")
+        heat = page.get_attribute("#heat", "src")
+        held[0].continue_()
+        page.wait_for_timeout(1500)  # the cat's answer arrives now
+        assert "espresso" in page.inner_text("#caption") and page.get_attribute("#heat", "src") == heat
+    finally:
+        page.unroute("**/api/explain", hold_the_cat)
