@@ -48,16 +48,49 @@ def test_gradcam_on_tokens_equals_the_formula(extra):
 
 
 @pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
-@pytest.mark.parametrize("name", ["gradcam", "gradcam++", "hirescam", "layercam", "xgradcam"])
-def test_gradient_cams_pass_the_contract_on_a_vit(name):
+@pytest.mark.parametrize("name", ["gradcam", "gradcam++", "hirescam", "layercam", "xgradcam", "eigencam", "scorecam"])
+def test_cams_pass_the_contract_on_a_vit(name):
     model = tiny_vit()
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     check_method(cnnscope.get_method(name), model, images, target="top2")
 
 
-def test_non_gradient_cams_say_they_need_convolutions():
-    with pytest.raises(MethodError, match="on transformer tokens or channels-last maps use a gradient CAM"):
-        cnnscope.get_method("scorecam")(tiny_vit())(torch.rand(1, 3, 32, 32), 0)
+def test_eigencam_and_scorecam_read_the_token_grid():
+    model = tiny_vit(extra_tokens=2)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    layer = model.module.blocks[1]["norm1"]
+    kept = []
+    handle = layer.register_forward_hook(lambda m, i, o: kept.append(o.detach()))
+    with torch.no_grad():
+        model.module(images)
+    handle.remove()
+    grid = to_grid(kept[0], (2, 8, 8))  # (B, D, 8, 8)
+    # Eigen-CAM: the grid's first principal component (sign: along the summed activations)
+    eigen = cnnscope.get_method("eigencam")(model, relu=False)(images, 0)
+    for b in range(2):
+        matrix = grid[b].flatten(1).T.double()
+        centred = matrix - matrix.mean(0)
+        component = torch.linalg.svd(centred, full_matrices=False)[2][0]
+        projection = (centred @ component).view(8, 8).float()
+        expected = projection * torch.sign(
+            torch.corrcoef(torch.stack([projection.flatten(), grid[b].sum(0).flatten()]))[0, 1]
+        )
+        torch.testing.assert_close(eigen.raw[b, 0], expected, rtol=1e-4, atol=1e-5)
+    # Score-CAM: channel d of the grid masks the input; the masked scores, softmaxed, weigh the channels
+    score = cnnscope.get_method("scorecam")(model, relu=False)(images[:1], 1)
+    masks = torch.nn.functional.interpolate(
+        grid[:1].transpose(0, 1), size=(32, 32), mode="bilinear", align_corners=True
+    )
+    low, high = masks.flatten(1).amin(1)[:, None, None, None], masks.flatten(1).amax(1)[:, None, None, None]
+    with torch.no_grad():
+        masked = model.module(images[:1] * (masks - low) / (high - low + 1e-8))[:, 1]
+    expected = (torch.softmax(masked, 0)[:, None, None] * grid[0]).sum(0)
+    torch.testing.assert_close(score.raw[0, 0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ablationcam_says_it_needs_convolutions():
+    with pytest.raises(MethodError, match="use eigencam, scorecam or a gradient CAM"):
+        cnnscope.get_method("ablationcam")(tiny_vit())(torch.rand(1, 3, 32, 32), 0)
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("torchvision"), reason="torchvision not installed")

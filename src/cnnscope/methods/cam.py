@@ -35,6 +35,9 @@ class CAMBase(Method):
 
     uses_layer: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = True
+    #: Gradient-free methods that only read the layer's activations (not change them inside the network)
+    #: and so also work on token and channels-last layers through their (B, C, h, w) view.
+    reads_maps_only: ClassVar[bool] = False
     options: ClassVar[dict[str, object]] = {"relu": True, "counterfactual": False}
 
     def channel_weights(
@@ -60,7 +63,7 @@ class CAMBase(Method):
         targets = resolve(logits)
         self.check_head(activations, logits)
         if self.layout != "channels-first":
-            maps, backwards, extra_forwards = self._adapted_maps(activations, logits, targets)
+            maps, backwards, extra_forwards = self._adapted_maps(activations, logits, targets, batch)
         else:
             maps, backwards, extra_forwards = self._weighted_maps(activations, logits, targets, batch)
         notes = self._empty_map_notes(maps, targets)
@@ -106,13 +109,17 @@ class CAMBase(Method):
             pieces.append(self._combine(self.channel_weights(detached, gradients, part), detached, part))
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), backwards, 0
 
-    def _adapted_maps(self, activations, logits, targets):
+    def _adapted_maps(self, activations, logits, targets, images):
         """A transformer layer (B, T, D) or a channels-last one (B, h, w, C): gradients w.r.t. the layer's own
-        output, then activations and gradients both put in (B, C, h, w) form."""
+        output, then activations and gradients both put in (B, C, h, w) form. Methods that only read the
+        activations (``reads_maps_only``) run on the (B, C, h, w) view directly."""
         if not self.needs_gradients:
+            if self.reads_maps_only:
+                return self._weighted_maps(self.to_map(activations.detach()), logits, targets, images)
             raise MethodError(
-                f"{self.name} works on channels-first convolutional layers; on transformer tokens or channels-last "
-                "maps use a gradient CAM (gradcam, gradcam++, hirescam, layercam, xgradcam)"
+                f"{self.name} changes the layer's output inside the network, which works on channels-first "
+                "convolutional layers only; on transformer tokens or channels-last maps use eigencam, scorecam "
+                "or a gradient CAM (gradcam, gradcam++, hirescam, layercam, xgradcam)"
             )
         gradients = target_gradients(logits, activations, targets, retain_graph=False)
         if self.config.get("counterfactual"):
@@ -455,6 +462,7 @@ class EigenCAM(CAMBase):
 
     summary = "first principal component of a layer's activations, class-agnostic (Muhammad & Yeasin 2020)"
     needs_gradients = False
+    reads_maps_only = True
     class_specific = False
     options: ClassVar[dict[str, object]] = {"relu": True}
 
@@ -495,6 +503,7 @@ class ScoreCAM(CAMBase):
 
     summary = "channels as input masks, weighted by the masked score (Wang et al. 2020)"
     needs_gradients = False
+    reads_maps_only = True
     options: ClassVar[dict[str, object]] = {"relu": True, "masks_per_pass": None}
 
     def _weighted_maps(self, activations, logits, targets, images):
