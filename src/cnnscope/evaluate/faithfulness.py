@@ -107,13 +107,10 @@ def insertion_curve(model: Model, image: torch.Tensor, saliency, target: int, *,
 
 
 def _fill(model: Model, image: torch.Tensor, how: str) -> torch.Tensor:
-    preprocess = model.preprocess
-    mean = torch.tensor(preprocess.mean, device=image.device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=image.device).view(1, 3, 1, 1)
     if how == "black":
-        return ((torch.zeros_like(image) - mean) / std).expand_as(image)
+        return model.preprocess.normalize(torch.zeros_like(image)).expand_as(image)
     if how == "grey":
-        return ((torch.full_like(image, 0.5) - mean) / std).expand_as(image)
+        return model.preprocess.normalize(torch.full_like(image, 0.5)).expand_as(image)
     if how == "blur":
         return _blurred(image)
     raise InputError(f"unknown fill {how!r}; choose 'grey', 'black' or 'blur'")

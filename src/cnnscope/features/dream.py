@@ -154,8 +154,6 @@ def deep_dream(
         (max(8, round(full[0] / octave_scale**k)), max(8, round(full[1] / octave_scale**k)))
         for k in reversed(range(octaves))
     ]
-    mean = torch.tensor(model.preprocess.mean, device=model.device).view(1, 3, 1, 1)
-    std = torch.tensor(model.preprocess.std, device=model.device).view(1, 3, 1, 1)
     base = torch.from_numpy(photo).permute(2, 0, 1)[None].float().div(255.0).to(model.device)
     generator = torch.Generator().manual_seed(int(seed))
     progress = Progress(len(bound) * octaves * iterations, "dream", quiet=quiet)
@@ -163,7 +161,7 @@ def deep_dream(
     results, before, after = [], [], []
 
     def objective_values(images: torch.Tensor, rows: list, record) -> torch.Tensor:
-        x = ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+        x = model.preprocess.normalize(images).contiguous(memory_format=torch.channels_last)
         try:
             forward_until(model.module, x)
         except Exception as exc:

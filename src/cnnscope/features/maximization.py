@@ -87,12 +87,6 @@ class _Scorer:
         self.model, self.bound, self.per_pass = model, bound, per_pass
         self.refs = list(dict.fromkeys(ref for objective in bound for ref in objective.layers))
         self.needs_logits = any(objective.uses_logits for objective in bound)
-        preprocess = model.preprocess
-        self.mean = torch.tensor(preprocess.mean, device=model.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(preprocess.std, device=model.device).view(1, 3, 1, 1)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.mean) / self.std
 
     def values(self, record, logits: torch.Tensor | None, rows: range) -> torch.Tensor:
         out = []
@@ -126,7 +120,7 @@ class _Scorer:
         with capture(self.model.module, self.refs) as record, torch.no_grad():
             for start in range(0, images.shape[0], self.per_pass):
                 stop = min(images.shape[0], start + self.per_pass)
-                x = self.normalize(images[start:stop]).contiguous(memory_format=torch.channels_last)
+                x = self.model.preprocess.normalize(images[start:stop]).contiguous(memory_format=torch.channels_last)
                 out = self.model.module(x)
                 values.append(self.values(record, out, range(start, stop)))
                 logits.append(out)
@@ -207,7 +201,7 @@ def maximize(
                         break
                     image = image_param.image()
                     seen = transforms(image, generator)
-                    inputs = scorer.normalize(seen)
+                    inputs = model.preprocess.normalize(seen)
                     values, grads = scorer.gradient(inputs, record)
                     loss = -(inputs * grads).sum()
                     if tv > 0:

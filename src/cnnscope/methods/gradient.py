@@ -193,9 +193,6 @@ class IntegratedGradients(GradientMethod):
 
     def baseline_for(self, batch: torch.Tensor) -> torch.Tensor:
         choice = self.config["baseline"]
-        preprocess = self.model.preprocess
-        mean = torch.tensor(preprocess.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(preprocess.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
         if isinstance(choice, torch.Tensor):
             base = choice.to(batch)
             if base.ndim == 3:
@@ -207,13 +204,13 @@ class IntegratedGradients(GradientMethod):
                 )
             return base.expand_as(batch)
         if choice == "black":
-            return ((torch.zeros_like(batch) - mean) / std).contiguous()
+            return self.model.preprocess.normalize(torch.zeros_like(batch)).contiguous()
         if choice == "blur":
             return gaussian_blur(batch.detach(), float(self.config["blur_sigma"]))
         if choice == "noise":
             generator = torch.Generator().manual_seed(int(self.config["seed"]))
             noise = torch.rand(batch.shape, generator=generator, dtype=batch.dtype).to(batch.device)
-            return (noise - mean) / std
+            return self.model.preprocess.normalize(noise)
         raise MethodError(f"unknown baseline {choice!r}; choose 'black', 'blur', 'noise' or give a tensor")
 
     def attributions(self, batch: torch.Tensor, resolve):

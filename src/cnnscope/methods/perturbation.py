@@ -127,10 +127,7 @@ class PerturbationMethod(Method):
         return self.model.preprocess.unnormalize(batch)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        preprocess = self.model.preprocess
-        mean = torch.tensor(preprocess.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(preprocess.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-        return (pixels - mean) / std
+        return self.model.preprocess.normalize(pixels)
 
     def fill_for(self, image: torch.Tensor, fill: str, generator: torch.Generator) -> torch.Tensor:
         """What an occluded pixel becomes, in model-input space, for one (1, 3, H, W) image."""

@@ -50,6 +50,13 @@ class Preprocess:
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return batch.sub_(mean).div_(std).contiguous()
 
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB (N, 3, H, W) -> the model's input: ``(pixels - mean) / std``, in the batch's dtype and
+        device (differentiable)."""
+        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
     def unnormalize(self, batch: torch.Tensor) -> torch.Tensor:
         """The inverse of the normalization: a batch back to [0, 1] RGB (clamped)."""
         mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
