@@ -15,6 +15,7 @@ import torch
 from ..errors import InputError
 from ..hooks import capture
 from ..models import Model, load_model
+from ..render.figure import FigureResult
 from ..render.overlay import overlay
 from ..render.plates import mosaic, to_uint8
 from ..state import preserved
@@ -22,7 +23,7 @@ from ..tokens import layer_adapter
 
 
 @dataclass
-class LayerActivations:
+class LayerActivations(FigureResult):
     """Channel maps of one layer for one image."""
 
     layer: str
@@ -82,17 +83,6 @@ class LayerActivations:
             axis.set_title(f"ch {index}  mean {mean:.2f}", fontsize=7)
         right.suptitle(f"top {count} channels by mean activation", fontsize=9)
         return fig
-
-    def save(self, path: str) -> None:
-        from ..render.figure import figure_png
-
-        with open(path, "wb") as handle:
-            handle.write(figure_png(self.figure()))
-
-    def _repr_png_(self) -> bytes:
-        from ..render.figure import figure_png
-
-        return figure_png(self.figure())
 
 
 def layer_activations(

@@ -25,12 +25,13 @@ from ..io import load_image
 from ..methods.base import auto_images_per_pass
 from ..models import Model, load_model
 from ..progress import Progress
+from ..render.figure import FigureResult
 from ..state import preserved
 from .objectives import channel, layer_activation
 
 
 @dataclass
-class Dream:
+class Dream(FigureResult):
     """The result of :func:`deep_dream`: one dreamed image per channel (or one for all)."""
 
     images: np.ndarray  # (K, H, W, 3) uint8 at the photo's size
@@ -52,17 +53,6 @@ class Dream:
         from ..render.plates import plate_figure
 
         return plate_figure(list(self.images), self.captions(), columns=columns, title=f"Deep Dream: {self.layer}")
-
-    def save(self, path: str) -> None:
-        from ..render.figure import figure_png
-
-        with open(path, "wb") as handle:
-            handle.write(figure_png(self.figure()))
-
-    def _repr_png_(self) -> bytes:
-        from ..render.figure import figure_png
-
-        return figure_png(self.figure())
 
 
 def _channel_text(channels: list[int]) -> str:

@@ -26,6 +26,7 @@ from ..methods.base import auto_images_per_pass
 from ..models import Model, load_model
 from ..models.model import Prediction
 from ..progress import Progress
+from ..render.figure import FigureResult
 from ..state import preserved
 from .objectives import BoundObjective, Objective, as_objective
 from .param import make_param
@@ -33,7 +34,7 @@ from .transforms import Transforms
 
 
 @dataclass
-class Visualization:
+class Visualization(FigureResult):
     """The result of :func:`maximize`: one image per objective, and how the optimization went."""
 
     images: np.ndarray  # (N, H, W, 3) uint8
@@ -59,18 +60,6 @@ class Visualization:
         from ..render.plates import plate_figure
 
         return plate_figure(list(self.images), self.captions(), columns=columns, title="activation maximization")
-
-    def save(self, path: str) -> None:
-        """The plate as PNG (images with their objective and the model's top class)."""
-        from ..render.figure import figure_png
-
-        with open(path, "wb") as handle:
-            handle.write(figure_png(self.figure()))
-
-    def _repr_png_(self) -> bytes:
-        from ..render.figure import figure_png
-
-        return figure_png(self.figure())
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:

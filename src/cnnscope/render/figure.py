@@ -48,6 +48,19 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
+class FigureResult:
+    """Mixed into results that define ``figure()`` (a matplotlib Figure): ``save(path)`` writes it as PNG
+    and Jupyter shows it (``_repr_png_``)."""
+
+    def save(self, path: str) -> None:
+        """The figure as a PNG file."""
+        with open(path, "wb") as handle:
+            handle.write(figure_png(self.figure()))  # type: ignore[attr-defined]
+
+    def _repr_png_(self) -> bytes:
+        return figure_png(self.figure())  # type: ignore[attr-defined]
+
+
 def curves_figure(curves, *, title: str = "") -> Figure:
     """Deletion / insertion curves (``cnnscope.evaluate.Curve``) with their AUC in the legend."""
     fig = Figure(figsize=(5.5, 3.6), layout="constrained")
