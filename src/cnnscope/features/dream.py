@@ -27,7 +27,7 @@ from ..models import Model, load_model
 from ..progress import Progress
 from ..render.figure import FigureResult
 from ..state import preserved
-from .objectives import channel, layer_activation
+from .objectives import channel, evaluate_each, layer_activation
 
 
 @dataclass
@@ -145,6 +145,8 @@ def deep_dream(
         for k in reversed(range(octaves))
     ]
     base = torch.from_numpy(photo).permute(2, 0, 1)[None].float().div(255.0).to(model.device)
+    # the photo at each octave's size, smallest first (the last is the full working size)
+    pyramid = [F.interpolate(base, size=s, mode="bilinear", align_corners=False, antialias=True) for s in sizes]
     generator = torch.Generator().manual_seed(int(seed))
     progress = Progress(len(bound) * octaves * iterations, "dream", quiet=quiet)
     started = time.perf_counter()
@@ -166,7 +168,7 @@ def deep_dream(
                 f"layer {ref.key!r} carries no gradients (a black-box function, or a forward under no_grad); "
                 "Deep Dream needs a differentiable PyTorch model"
             )
-        return torch.cat([rows[i].evaluate({ref.key: acts[i : i + 1]}, None) for i in range(len(rows))])
+        return evaluate_each(rows, {ref.key: acts}, None)
 
     try:
         with (
@@ -178,12 +180,10 @@ def deep_dream(
             for start in range(0, len(bound), per_pass):
                 rows = bound[start : start + per_pass]
                 count = len(rows)
-                photo_full = F.interpolate(base, size=full, mode="bilinear", align_corners=False, antialias=True)
                 with torch.no_grad():
-                    before.extend(objective_values(photo_full.expand(count, -1, -1, -1), rows, record).tolist())
+                    before.extend(objective_values(pyramid[-1].expand(count, -1, -1, -1), rows, record).tolist())
                 detail = torch.zeros(count, 3, *sizes[0], device=model.device)
-                for octave_size in sizes:
-                    shrunk = F.interpolate(base, size=octave_size, mode="bilinear", align_corners=False, antialias=True)
+                for octave_size, shrunk in zip(sizes, pyramid, strict=True):
                     detail = F.interpolate(detail, size=octave_size, mode="bilinear", align_corners=False)
                     dreamed = (shrunk + detail).clamp(0, 1)
                     for _ in range(iterations):

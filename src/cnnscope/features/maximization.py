@@ -28,7 +28,7 @@ from ..models.model import Prediction
 from ..progress import Progress
 from ..render.figure import FigureResult
 from ..state import preserved
-from .objectives import BoundObjective, Objective, as_objective
+from .objectives import BoundObjective, Objective, as_objective, evaluate_each
 from .param import make_param
 from .transforms import Transforms
 
@@ -78,12 +78,8 @@ class _Scorer:
         self.needs_logits = any(objective.uses_logits for objective in bound)
 
     def values(self, record, logits: torch.Tensor | None, rows: range) -> torch.Tensor:
-        out = []
-        for local, row in enumerate(rows):
-            acts = {ref.key: record.activations[ref.key][local : local + 1] for ref in self.refs}
-            row_logits = None if logits is None else logits[local : local + 1]
-            out.append(self.bound[row].evaluate(acts, row_logits))
-        return torch.cat(out)
+        acts = {ref.key: record.activations[ref.key] for ref in self.refs}
+        return evaluate_each(self.bound[rows.start : rows.stop], acts, logits)
 
     def gradient(self, inputs: torch.Tensor, record) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective values, d objective / d inputs) for a normalized batch, in passes."""

@@ -103,6 +103,20 @@ class BoundObjective:
     evaluate: Evaluate
 
 
+def evaluate_each(
+    objectives: Sequence[BoundObjective], acts: dict[str, torch.Tensor], logits: torch.Tensor | None
+) -> torch.Tensor:
+    """Row i of a batch scored by ``objectives[i]`` (each image has its own objective): (n,) values."""
+    return torch.cat(
+        [
+            objective.evaluate(
+                {key: value[i : i + 1] for key, value in acts.items()}, None if logits is None else logits[i : i + 1]
+            )
+            for i, objective in enumerate(objectives)
+        ]
+    )
+
+
 def _combine(first: Evaluate, second: Evaluate, sign: float) -> Evaluate:
     return lambda acts, logits: first(acts, logits) + sign * second(acts, logits)
 
