@@ -28,21 +28,31 @@ def _colour_matrix(decorrelate: bool) -> torch.Tensor:
 
 
 class ImageParam(ABC):
-    """A batch of images as trainable tensors. ``parameters()`` go to the optimizer, ``image()`` gives
-    the (N, 3, H, W) RGB batch in [0, 1]."""
+    """A batch of images as one trainable tensor (``values``, what the optimizer changes); ``image()``
+    gives the (N, 3, H, W) RGB batch in [0, 1] through the colour basis and a sigmoid."""
 
     name = "param"
 
-    def __init__(self, count: int, size: tuple[int, int]) -> None:
+    def __init__(self, count: int, size: tuple[int, int], *, decorrelate: bool, device: torch.device | str) -> None:
         if count < 1:
             raise InputError(f"need at least one image to optimize, got {count}")
         if len(size) != 2 or min(size) < 8:
             raise InputError(f"image size must be (height, width) with both >= 8, got {tuple(size)}")
         self.count, self.size = count, (int(size[0]), int(size[1]))
+        self.device = device
+        self.colours = _colour_matrix(decorrelate).to(device)
 
-    @abstractmethod
+    def _start(self, shape: tuple[int, ...], generator: torch.Generator, std: float) -> torch.Tensor:
+        """The trainable tensor, Gaussian of ``std``: drawn on the CPU generator, so a seed gives the same
+        start on any device."""
+        return (torch.randn(shape, generator=generator) * std).to(self.device).requires_grad_(True)
+
+    def _to_rgb(self, planes: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(torch.einsum("ij,njhw->nihw", self.colours, planes))
+
     def parameters(self) -> list[torch.Tensor]:
         """The tensors the optimizer changes."""
+        return [self.values]
 
     @abstractmethod
     def image(self) -> torch.Tensor:
@@ -64,18 +74,11 @@ class PixelParam(ImageParam):
         decorrelate: bool = True,
         device: torch.device | str = "cpu",
     ) -> None:
-        super().__init__(count, size)
-        self.colours = _colour_matrix(decorrelate).to(device)
-        # drawn on the CPU generator, so a seed gives the same start on any device
-        pixels = torch.randn(count, 3, *self.size, generator=generator) * std
-        self.pixels = pixels.to(device).requires_grad_(True)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [self.pixels]
+        super().__init__(count, size, decorrelate=decorrelate, device=device)
+        self.values = self._start((count, 3, *self.size), generator, std)
 
     def image(self) -> torch.Tensor:
-        mixed = torch.einsum("ij,njhw->nihw", self.colours, self.pixels)
-        return torch.sigmoid(mixed)
+        return self._to_rgb(self.values)
 
 
 class FourierParam(ImageParam):
@@ -97,7 +100,7 @@ class FourierParam(ImageParam):
         decorrelate: bool = True,
         device: torch.device | str = "cpu",
     ) -> None:
-        super().__init__(count, size)
+        super().__init__(count, size, decorrelate=decorrelate, device=device)
         height, width = self.size
         fy = torch.fft.fftfreq(height)[:, None]
         fx = torch.fft.rfftfreq(width)[None, :]
@@ -105,19 +108,11 @@ class FourierParam(ImageParam):
         # the 1/f scale, the zero frequency counted as the lowest non-zero one (with the orthonormal
         # inverse FFT this equals lucid's scale * sqrt(h * w) with the default 1/(h * w) inverse)
         self.scale = (1.0 / frequency.clamp(min=1.0 / max(height, width)) ** decay).to(device)
-        self.colours = _colour_matrix(decorrelate).to(device)
-        shape = (count, 3, height, width // 2 + 1, 2)
-        spectrum = torch.randn(shape, generator=generator) * std
-        self.spectrum = spectrum.to(device).requires_grad_(True)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [self.spectrum]
+        self.values = self._start((count, 3, height, width // 2 + 1, 2), generator, std)
 
     def image(self) -> torch.Tensor:
-        spectrum = torch.view_as_complex(self.spectrum) * self.scale
-        planes = torch.fft.irfft2(spectrum, s=self.size, norm="ortho") / 4.0
-        mixed = torch.einsum("ij,njhw->nihw", self.colours, planes)
-        return torch.sigmoid(mixed)
+        spectrum = torch.view_as_complex(self.values) * self.scale
+        return self._to_rgb(torch.fft.irfft2(spectrum, s=self.size, norm="ortho") / 4.0)
 
 
 PARAMETERIZATIONS = {"fourier": FourierParam, "pixel": PixelParam}
