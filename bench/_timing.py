@@ -1,4 +1,4 @@
-"""Shared by the bench scripts: the fastest of several runs after one warm-up."""
+"""Shared by the bench scripts: one timed run, and the fastest of several runs after one warm-up."""
 
 from __future__ import annotations
 
@@ -13,3 +13,10 @@ def best_of(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def timed(run):
+    """(seconds, result) of one call of ``run``."""
+    start = time.perf_counter()
+    result = run()
+    return time.perf_counter() - start, result

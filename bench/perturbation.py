@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import time
 import warnings
 
 import torch
 
 import cnnscope
-from _timing import best_of
+from _timing import best_of, timed
 from cnnscope.samples import SAMPLES, sample_image
 
 
@@ -73,12 +72,6 @@ def main() -> None:
     )
 
 
-def _timed(run):
-    start = time.perf_counter()
-    result = run()
-    return time.perf_counter() - start, result
-
-
 def lime_package(model) -> None:
     """The lime package on the same model and photo, 1,000 samples at its default batch size (10)."""
     try:
@@ -103,7 +96,7 @@ def lime_package(model) -> None:
     pixels = np.asarray(photo).astype(np.float64) / 255.0
     explainer = lime_image.LimeImageExplainer(random_state=0)
     with contextlib.redirect_stderr(io.StringIO()):  # the package's progress bar
-        seconds, _ = _timed(
+        seconds, _ = timed(
             lambda: explainer.explain_instance(pixels, classify, top_labels=1, num_samples=1000, random_seed=0)
         )
     print(f"the lime package on chelsea, 1000 samples (batch size 10): {seconds:.2f} s")
@@ -122,9 +115,9 @@ def lime_bench(model, single: float, reference_samples: int) -> None:
     shared, shared_independent, fast_hits, full_hits, fast_times = 0, 0, 0, 0, []
     for name in SAMPLES:
         image = model.preprocess([sample_image(name)])
-        full_seconds, full_result = _timed(lambda i=image: full(i, "top1"))
-        _, independent_result = _timed(lambda i=image: independent(i, "top1"))
-        fast_seconds, fast_result = _timed(lambda i=image: fast(i, "top1"))
+        full_seconds, full_result = timed(lambda i=image: full(i, "top1"))
+        _, independent_result = timed(lambda i=image: independent(i, "top1"))
+        fast_seconds, fast_result = timed(lambda i=image: fast(i, "top1"))
         fast_times.append(fast_seconds)
         full_top = set(full_result.stats["top_positive"][0][0])
         fast_top = set(fast_result.stats["top_positive"][0][0])
