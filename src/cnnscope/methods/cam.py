@@ -281,15 +281,21 @@ def spatial_mean(gradients: torch.Tensor) -> torch.Tensor:
 
 
 def layer_target_gradients(
-    logits: torch.Tensor, activations: list[torch.Tensor], targets: torch.Tensor
+    logits: torch.Tensor, activations: list[torch.Tensor], targets: torch.Tensor, *, retain_graph: bool = False
 ) -> list[torch.Tensor]:
     """:func:`target_gradients` for several layers from one backward call: one (B, K, ...) tensor per layer."""
     k = targets.shape[1]
+    # The targets' logits (B, K), masked where there is no target. Differentiating these rather than all
+    # logits with a one-hot grad_outputs gives the same gradients with a lower peak (36 MiB less on the
+    # default model for one image, bench/gradcam.py).
     picked = logits.gather(1, targets.clamp_min(0)) * (targets >= 0).to(logits.dtype)
     if k == 1:
-        return [grad.unsqueeze(1) for grad in torch.autograd.grad(picked.sum(), activations)]
+        grads = torch.autograd.grad(picked.sum(), activations, retain_graph=retain_graph)
+        return [grad.unsqueeze(1) for grad in grads]
     selectors = torch.eye(k, dtype=logits.dtype, device=logits.device)[:, None, :].expand(k, *picked.shape)
-    grads = torch.autograd.grad(picked, activations, grad_outputs=selectors, is_grads_batched=True)
+    grads = torch.autograd.grad(
+        picked, activations, grad_outputs=selectors, retain_graph=retain_graph, is_grads_batched=True
+    )
     return [grad.transpose(0, 1) for grad in grads]
 
 
@@ -306,19 +312,7 @@ def target_gradients(
             "the layer's activation is not connected to the output by autograd; "
             "is the model's forward wrapped in torch.no_grad()?"
         )
-    k = targets.shape[1]
-    # The targets' logits (B, K), masked where there is no target. Differentiating these rather than all
-    # logits with a one-hot grad_outputs gives the same gradients with a lower peak (36 MiB less on the
-    # default model for one image, bench/gradcam.py).
-    picked = logits.gather(1, targets.clamp_min(0)) * (targets >= 0).to(logits.dtype)
-    if k == 1:
-        (grads,) = torch.autograd.grad(picked.sum(), activations, retain_graph=retain_graph)
-        return grads.unsqueeze(1)
-    selectors = torch.eye(k, dtype=logits.dtype, device=logits.device)[:, None, :].expand(k, *picked.shape)
-    (grads,) = torch.autograd.grad(
-        picked, activations, grad_outputs=selectors, retain_graph=retain_graph, is_grads_batched=True
-    )
-    return grads.transpose(0, 1)
+    return layer_target_gradients(logits, [activations], targets, retain_graph=retain_graph)[0]
 
 
 @register_method("gradcam")
