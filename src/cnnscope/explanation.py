@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .io import safe_filename
 from .models.labels import short_name
 from .models.model import Prediction
 from .render.colormaps import default_colormap
@@ -173,6 +174,4 @@ class Explanation:
 
 def overlay_filename(name: str, method: str, index: int, labels: tuple[str, ...] | list[str]) -> str:
     label = short_name(labels[index]) if 0 <= index < len(labels) else str(index)
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label.replace(" ", "_"))
-    safe_name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-    return f"{safe_name}_{method}_{index}-{safe}.png"
+    return f"{safe_filename(name)}_{method}_{index}-{safe_filename(label, keep='-_')}.png"

@@ -76,6 +76,12 @@ def load_images(sources: Iterable[ImageSource], *, max_pixels: int = MAX_PIXELS)
     return [load_image(source, max_pixels=max_pixels) for source in sources]
 
 
+def safe_filename(text: str, keep: str = "-_.") -> str:
+    """``text`` as part of a file name: letters and digits kept, as are the characters in ``keep``;
+    everything else becomes ``_``."""
+    return "".join(ch if ch.isalnum() or ch in keep else "_" for ch in text)
+
+
 def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Expand directories into the image files directly inside them (sorted); keep files as given."""
     found: list[Path] = []

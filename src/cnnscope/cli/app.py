@@ -332,13 +332,18 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
+def _write_file(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path``, making its folder if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
 def _write_figure(figure, path: Path, summary: dict) -> Path:
     """Save a matplotlib figure as PNG and record its path in the command's summary."""
     from ..render.figure import figure_png
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(figure_png(figure))
-    summary["file"] = str(path)
+    summary["file"] = str(_write_file(path, figure_png(figure)))
     return path
 
 

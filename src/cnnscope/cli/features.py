@@ -9,24 +9,24 @@ from typing import Annotated
 import typer
 
 from ..errors import InputError
-from ..io import load_image
+from ..io import load_image, safe_filename
 from ..models import DEFAULT_MODEL
-from .app import ArchOpt, JsonOpt, ModelOpt, NoWeightsOpt, QuietOpt, TrustOpt, _load, _print_json, _state, app
+from .app import (
+    ArchOpt,
+    JsonOpt,
+    ModelOpt,
+    NoWeightsOpt,
+    QuietOpt,
+    TrustOpt,
+    _load,
+    _print_json,
+    _state,
+    _write_file,
+    app,
+)
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed; the same seed repeats the run exactly")]
-
-
-def _safe(text: str) -> str:
-    """A layer key as part of a file name."""
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text)
-
-
-def _write(out: Path, name: str, data: bytes) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_bytes(data)
-    return path
 
 
 @app.command()
@@ -47,7 +47,7 @@ def filters(
 
     loaded = _load(model, arch, no_weights, trust_pickle, False, None)
     plate = filter_plate(loaded, layer, mode=mode, max_filters=max_filters)
-    path = _write(out, f"filters_{_safe(plate.layer)}.png", png_bytes(plate.image))
+    path = _write_file(out / f"filters_{safe_filename(plate.layer)}.png", png_bytes(plate.image))
     summary = {
         "layer": plate.layer,
         "kernel_shape": list(plate.weights.shape),
@@ -81,9 +81,9 @@ def activations(
 
     loaded = _load(model, arch, no_weights, trust_pickle, False, None)
     result = layer_activations(loaded, load_image(image), layer)
-    stem = f"{image.stem}_activations_{_safe(result.layer)}"
-    grid = _write(out, f"{stem}.png", figure_png(result.figure(top)))
-    strongest = _write(out, f"{stem}_strongest.png", png_bytes(result.overlay()))
+    stem = f"{image.stem}_activations_{safe_filename(result.layer)}"
+    grid = _write_file(out / f"{stem}.png", figure_png(result.figure(top)))
+    strongest = _write_file(out / f"{stem}_strongest.png", png_bytes(result.overlay()))
     summary = {
         "image": image.stem,
         "layer": result.layer,
@@ -171,10 +171,10 @@ def maximize(
         seed=seed,
         quiet=quiet,
     )
-    plate = _write(out, "maximize.png", figure_png(result.figure()))
+    plate = _write_file(out / "maximize.png", figure_png(result.figure()))
     files = [str(plate)]
-    for index, picture in enumerate(result.images):
-        files.append(str(_write(out, f"maximize_{index}_{_safe(result.objectives[index])}.png", png_bytes(picture))))
+    for index, (name, picture) in enumerate(zip(result.objectives, result.images, strict=True)):
+        files.append(str(_write_file(out / f"maximize_{index}_{safe_filename(name)}.png", png_bytes(picture))))
     summary = {
         "objectives": [
             {
@@ -244,7 +244,7 @@ def dream(
         seed=seed,
         quiet=quiet,
     )
-    path = _write(out, f"{image.stem}_dream_{_safe(result.layer)}.png", figure_png(result.figure()))
+    path = _write_file(out / f"{image.stem}_dream_{safe_filename(result.layer)}.png", figure_png(result.figure()))
     summary = {
         "image": image.stem,
         "layer": result.layer,
