@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..hooks import capture
+from ..hooks import capture, forward_until
 from ..models import Model, load_model
 from ..render.figure import FigureResult
 from ..render.overlay import overlay
@@ -100,8 +100,8 @@ def layer_activations(
             f"layer {ref.key!r} outputs {ref.output_shape}, not a feature map; choose a convolutional layer "
             "(cnnscope layers lists them)"
         )
-    with preserved(model.module), torch.no_grad(), capture(model.module, [ref]) as record:
-        model.module(batch.tensor)
+    with preserved(model.module), torch.no_grad(), capture(model.module, [ref], stop=True) as record:
+        forward_until(model.module, batch.tensor)  # the layers after this one are not needed
         maps = adapter[0](record[ref.key]).float()[0].cpu().numpy()
     means = maps.mean(axis=(1, 2))
     order = np.argsort(-means, kind="stable")
