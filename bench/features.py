@@ -2,8 +2,10 @@
 default model, from one run (run by hand: `make bench`). Interleaved runs, best of --repeat for each.
 
 Throughput = images x steps per second of optimization (setup and the final scoring excluded, as reported
-in ``Visualization.stats``). Also printed: one forward + backward to the input at batch 1 and 8, the floor
-that bounds any batching gain on this machine.
+in ``Visualization.stats``). Also printed: one forward + backward to the input alone and in batches (the
+floor that bounds any batching gain on this machine), and the CPU time per image of the cheapest batch:
+batch-1 wall time / (that CPU time / cores) is the most any batching scheme could gain here, even with
+both cores perfectly busy.
 
 Goal (issue #5): batched >= 3x the throughput of one at a time.
 """
@@ -23,23 +25,25 @@ from cnnscope.features import maximize
 CLASSES = [1, 963, 207, 417, 779, 285, 948, 980]  # goldfish pizza retriever balloon bus cat apple volcano
 
 
-def floor(model, count: int, size: int, repeat: int) -> float:
-    """Seconds per image of one forward + backward to the input (frozen weights, channels-last)."""
+def floor(model, count: int, size: int, repeat: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) per image of one forward + backward to the input (frozen weights,
+    channels-last), the best of ``repeat`` runs."""
     module = model.module.eval()
     flags = [p.requires_grad for p in module.parameters()]
     for p in module.parameters():
         p.requires_grad_(False)
     try:
-        best = float("inf")
+        wall, cpu = float("inf"), float("inf")
         for _ in range(repeat + 1):
             x = torch.rand(count, 3, size, size).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             torch.autograd.grad(module(x)[:, 1].sum(), x)
-            best = min(best, time.perf_counter() - start)
+            wall = min(wall, time.perf_counter() - start)
+            cpu = min(cpu, time.process_time() - start_cpu)
     finally:
         for p, flag in zip(module.parameters(), flags, strict=True):
             p.requires_grad_(flag)
-    return best / count
+    return wall / count, cpu / count
 
 
 def main() -> None:
@@ -63,7 +67,11 @@ def main() -> None:
                 alone = maximize(model, [cls], steps=args.steps, size=size, quiet=True)
                 seconds += 1.0 / alone.stats["iterations_per_second"]
             single = max(single, len(CLASSES) / seconds)
-        one, eight = floor(model, 1, size, args.repeat), floor(model, 8, size, args.repeat)
+        per_pass = run.stats["images_per_pass"]
+        (one, _), (passes, passes_cpu), (eight, eight_cpu) = (
+            floor(model, count, size, args.repeat) for count in (1, per_pass, 8)
+        )
+        cores = torch.get_num_threads()
         rows.append(
             {
                 "size": size,
@@ -71,8 +79,11 @@ def main() -> None:
                 "one_at_a_time_images_per_s": round(single, 2),
                 "ratio": round(batched / single, 2),
                 "floor_ms_per_image_batch1": round(one * 1000, 1),
+                "images_per_pass": per_pass,
+                "floor_ms_per_image_pass": round(passes * 1000, 1),
                 "floor_ms_per_image_batch8": round(eight * 1000, 1),
-                "floor_ratio": round(one / eight, 2),
+                "floor_ratio": round(one / min(passes, eight), 2),
+                "cpu_bound_ratio": round(one / (min(passes_cpu, eight_cpu) / cores), 2),
             }
         )
     if args.json:
@@ -82,9 +93,10 @@ def main() -> None:
     for row in rows:
         print(
             f"  {row['size']}x{row['size']}: batched {row['batched_images_per_s']:6.2f} img-steps/s, one at a time "
-            f"{row['one_at_a_time_images_per_s']:6.2f}  ratio {row['ratio']:.2f}x   (fwd+bwd floor: "
-            f"{row['floor_ms_per_image_batch1']} ms/img alone, {row['floor_ms_per_image_batch8']} in 8s: "
-            f"{row['floor_ratio']:.2f}x)"
+            f"{row['one_at_a_time_images_per_s']:6.2f}  ratio {row['ratio']:.2f}x\n"
+            f"    fwd+bwd floor: {row['floor_ms_per_image_batch1']} ms/img alone, "
+            f"{row['floor_ms_per_image_pass']} in {row['images_per_pass']}s, {row['floor_ms_per_image_batch8']} in 8s: "
+            f"{row['floor_ratio']:.2f}x; CPU-time bound for any batching here: {row['cpu_bound_ratio']:.2f}x"
         )
 
 
