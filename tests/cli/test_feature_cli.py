@@ -63,6 +63,21 @@ def test_maximize_classes_and_objectives(capsys, tmp_path):
             assert picture.size[0] >= 224
 
 
+def test_maximize_copies_with_diversity(capsys, tmp_path):
+    code, out, err = run(
+        capsys, "maximize", "--channel", "_blocks.10:3", "--copies", "2", "--diversity", "10", "--steps", "8",
+        "--size", "64", "-o", str(tmp_path), "--json", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(out)
+    assert [entry["objective"] for entry in summary["objectives"]] == ["channel:_blocks.10:3"] * 2
+    assert summary["similarity_final"] < summary["similarity_start"]
+    assert len(summary["files"]) == 3
+    code, out, err = run(capsys, "maximize", "--class", "1", "--copies", "2", "--steps", "2", "--size", "32",
+                         "-o", str(tmp_path))  # fmt: skip
+    assert code == 0 and "similarity of the copies at" in out, err
+
+
 def test_dream_plate(capsys, cat_file, tmp_path):  # noqa: F811
     code, out, err = run(
         capsys, "dream", str(cat_file), "--layer", "_blocks.5", "--channels", "0-3", "--octaves", "2",
@@ -91,6 +106,7 @@ def test_layers_diagram(capsys, tmp_path):
         (["maximize", "--class", "1", "--param", "wavelet", "--steps", "1"], "'fourier' or 'pixel'"),
         (["maximize", "--class", "1", "--scale", "2", "--steps", "1"], "LOW,HIGH"),
         (["maximize", "--class", "1", "--scale", "1.2,0.9", "--steps", "1"], "smallest <= largest"),
+        (["maximize", "--class", "1", "--diversity", "5", "--steps", "1"], "set copies to 2 or more"),
         (["filters", "--layer", "_bn0"], "not a Conv2d"),
         (["dream", "{cat}", "--channels", "9-2"], "runs backwards"),
         (["activations", "{cat}", "--layer", "_fc"], "not a feature map"),

@@ -9,6 +9,7 @@ from cnnscope.features import (
     Transforms,
     channel,
     class_logit,
+    gram_similarity,
     layer_activation,
     maximize,
     neuron,
@@ -161,6 +162,55 @@ def test_bad_input_says_what_to_do(default_model):
         maximize(default_model, ["channel:_bloks.10:1"], steps=1)
     with pytest.raises(InputError, match="scale"):
         Transforms(scale=(1.2, 1.0))
+    with pytest.raises(InputError, match="set copies to 2 or more"):
+        maximize(default_model, [1], diversity=10.0, steps=1)
+    with pytest.raises(InputError, match="copies must be a whole number"):
+        maximize(default_model, [1], copies=0, steps=1)
+    with pytest.raises(InputError, match="diversity weight"):
+        maximize(default_model, [1], copies=2, diversity=-1.0, steps=1)
+
+
+def test_gram_similarity_is_the_mean_cosine_to_the_other_copies():
+    maps = torch.randn(6, 5, 4, 3, generator=torch.Generator().manual_seed(0))
+    grams = [(m.reshape(5, -1) @ m.reshape(5, -1).T).flatten() for m in maps]
+    expected = []
+    for i in range(6):
+        group = range(3 * (i // 3), 3 * (i // 3) + 3)
+        cosines = [torch.nn.functional.cosine_similarity(grams[i], grams[j], dim=0) for j in group if j != i]
+        expected.append(sum(cosines) / 2)
+    torch.testing.assert_close(gram_similarity(maps, 3), torch.stack(expected))
+    same = maps[:1].expand(4, -1, -1, -1)  # identical copies are as similar as can be
+    torch.testing.assert_close(gram_similarity(same, 2), torch.ones(4))
+    assert torch.equal(gram_similarity(maps, 1), torch.zeros(6))
+
+
+def test_diversity_pushes_the_copies_of_an_objective_apart(default_model):
+    common = dict(copies=3, steps=24, size=96, seed=0, quiet=True)
+    alike = maximize(default_model, ["channel:_blocks.10:3"], diversity=0.0, **common)
+    apart = maximize(default_model, ["channel:_blocks.10:3"], diversity=10.0, **common)
+    assert apart.options["diversity_layer"] == "_blocks.10" == alike.options["diversity_layer"]
+    # measured: 0.85 without the term, 0.22 with it (both from 0.96 at the start)
+    assert apart.stats["similarity_final"] < 0.6 * alike.stats["similarity_final"], (alike.stats, apart.stats)
+    # every copy still drives the channel well above its start (measured: from -3..-2 to 21-25)
+    assert all(final > start + 5 for start, final in zip(apart.start, apart.final, strict=True))
+    # the reported similarity is the Gram similarity of the returned images, recomputed here
+    ref = default_model.layer("_blocks.10")
+    with torch.no_grad(), capture(default_model.module, [ref]) as record:
+        default_model.module(default_model.preprocess.normalize(apart.tensor))
+    recomputed = gram_similarity(record.activations[ref.key], 3).mean()
+    assert abs(float(recomputed) - apart.stats["similarity_final"]) < 1e-4
+    assert len(apart) == 3 and apart.copies == 3
+
+
+def test_the_copies_of_an_objective_share_a_pass(default_model):
+    """The diversity term compares the copies within a pass, so passes hold whole groups: three images
+    per pass becomes two with copies=2, and the images are those of one pass for all four."""
+    common = dict(copies=2, diversity=10.0, steps=3, size=64, seed=1, quiet=True)
+    split = maximize(default_model, [1, "channel:_blocks.10:3"], images_per_pass=3, **common)
+    whole = maximize(default_model, [1, "channel:_blocks.10:3"], images_per_pass=4, **common)
+    assert split.stats["images_per_pass"] == 2 and whole.stats["images_per_pass"] == 4
+    torch.testing.assert_close(split.tensor, whole.tensor, atol=1e-4, rtol=0)
+    assert split.objectives == ["class:1", "class:1", "channel:_blocks.10:3", "channel:_blocks.10:3"]
 
 
 def test_max_seconds_returns_what_was_done(tmp_path):

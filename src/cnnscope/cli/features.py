@@ -124,6 +124,13 @@ def maximize(
     scale: Annotated[str, typer.Option("--scale", help="zoom range LOW,HIGH")] = "0.9,1.1",
     crop: Annotated[float, typer.Option("--crop", min=0.01, max=1.0, help="smallest random crop (1: none)")] = 1.0,
     colour: Annotated[float, typer.Option("--colour", min=0.0, help="largest relative colour gain change")] = 0.0,
+    copies: Annotated[int, typer.Option("--copies", min=1, help="images per objective")] = 1,
+    diversity: Annotated[
+        float, typer.Option("--diversity", min=0.0, help="push the copies apart (weight, e.g. 10; needs --copies)")
+    ] = 0.0,
+    diversity_layer: Annotated[
+        str | None, typer.Option("--diversity-layer", help="layer the copies are compared at")
+    ] = None,
     seed: SeedOpt = 0,
     out: OutOpt = Path("cnnscope-out"),
     model: ModelOpt = DEFAULT_MODEL,
@@ -169,6 +176,9 @@ def maximize(
         tv=tv,
         l2=l2,
         seed=seed,
+        copies=copies,
+        diversity=diversity,
+        diversity_layer=diversity_layer,
         quiet=quiet,
     )
     plate = _write_file(out / "maximize.png", figure_png(result.figure()))
@@ -190,6 +200,7 @@ def maximize(
         "seconds": round(result.stats["seconds"], 3),
         "iterations_per_second": round(result.stats["iterations_per_second"], 3),
         "stopped_early": result.stats["stopped_early"],
+        **{key: round(result.stats[key], 4) for key in ("similarity_start", "similarity_final") if key in result.stats},
         "files": files,
     }
     if as_json:
@@ -200,6 +211,11 @@ def maximize(
         typer.echo(
             f"{entry['objective']:<32} {entry['start']:9.3f} -> {entry['final']:9.3f}   "
             f"seen as {top['class_name']} ({top['probability']:.1%})"
+        )
+    if "similarity_final" in summary:
+        typer.echo(
+            f"similarity of the copies at {result.options['diversity_layer']}: "
+            f"{summary['similarity_start']:.3f} -> {summary['similarity_final']:.3f} (lower: more diverse)"
         )
     typer.echo(f"plate: {plate}")
 

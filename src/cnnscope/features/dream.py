@@ -27,7 +27,7 @@ from ..models import Model, load_model
 from ..progress import Progress
 from ..render.figure import FigureResult
 from ..state import preserved
-from .objectives import channel, evaluate_each, layer_activation
+from .objectives import channel, evaluate_each, layer_activation, middle_layer
 
 
 @dataclass
@@ -125,7 +125,7 @@ def deep_dream(
     photo = load_image(image)
     if octaves < 1 or iterations < 0 or step <= 0 or octave_scale <= 1.0 or jitter < 0:
         raise InputError("need octaves >= 1, iterations >= 0, step > 0, octave_scale > 1 and jitter >= 0")
-    ref = model.layer(layer) if layer is not None else _middle_layer(model)
+    ref = model.layer(layer) if layer is not None else middle_layer(model)
     chosen = parse_channels(channels)
     if chosen is None:
         groups: list[list[int]] = [[]]
@@ -223,11 +223,3 @@ def deep_dream(
         },
         stats={"seconds": time.perf_counter() - started, "images_per_pass": per_pass},
     )
-
-
-def _middle_layer(model: Model):
-    """The spatial layer halfway through the trace (mid-level features dream best)."""
-    spatial = [call for call in model.calls() if call.is_spatial and call.tensor_output and call.depth <= 1]
-    if not spatial:
-        raise InputError("the model has no spatial layer to dream at; pass layer=... (cnnscope layers lists them)")
-    return model.layer(spatial[len(spatial) // 2].key)

@@ -6,9 +6,17 @@ random transforms at every step). Several objectives are optimized together, one
 batch: the model runs once per step for all of them.
 
 One step: image = param.image(); the model sees transforms(image) (random per image, drawn from the
-seeded generator); loss = -objective + tv * TV(image) + l2 * mean((image - 0.5)^2); Adam on the
-parameters. Gradients never reach the model's parameters (``torch.autograd.grad`` with respect to the
-input only), and the model's flags are restored (:func:`cnnscope.state.preserved`).
+seeded generator); loss = -objective + tv * TV(image) + l2 * mean((image - 0.5)^2)
++ diversity * similarity; Adam on the parameters.
+
+``copies`` gives each objective several images. A feature often responds to several different things
+and one image shows only one of them; with ``diversity`` the copies of one objective are pushed apart
+(lucid/lucent's diversity term, Olah et al. 2017): each image's similarity is the mean cosine similarity
+between its Gram matrix (channel x channel correlations of a layer, the "style" of Gatys et al.) and
+those of the other copies of its objective.
+
+Gradients never reach the model's parameters (``torch.autograd.grad`` with respect to the input only),
+and the model's flags are restored (:func:`cnnscope.state.preserved`).
 """
 
 from __future__ import annotations
@@ -21,14 +29,22 @@ import numpy as np
 import torch
 
 from ..errors import InputError, MethodError
-from ..hooks import capture, forward_until
+from ..hooks import LayerRef, capture, forward_until
 from ..methods.base import auto_images_per_pass
 from ..models import Model, load_model
 from ..models.model import Prediction
 from ..progress import Progress
 from ..render.figure import FigureResult
 from ..state import preserved
-from .objectives import BoundObjective, Objective, as_objective, evaluate_each
+from .objectives import (
+    BoundObjective,
+    LayerSpec,
+    Objective,
+    as_objective,
+    evaluate_each,
+    feature_map,
+    middle_layer,
+)
 from .param import make_param
 from .transforms import Transforms
 
@@ -50,6 +66,11 @@ class Visualization(FigureResult):
     def __len__(self) -> int:
         return len(self.objectives)
 
+    @property
+    def copies(self) -> int:
+        """Images per objective (consecutive: the copies of objective k are rows k*copies ...)."""
+        return int(self.options.get("copies", 1))
+
     def captions(self) -> list[str]:
         return [
             f"{name}\n{top[0].name} {top[0].probability:.0%}" if top else name
@@ -57,8 +78,11 @@ class Visualization(FigureResult):
         ]
 
     def figure(self, columns: int | None = None):
+        """The images as a plate (with copies: one row per objective)."""
         from ..render.plates import plate_figure
 
+        if columns is None and self.copies > 1:
+            columns = self.copies
         return plate_figure(list(self.images), self.captions(), columns=columns, title="activation maximization")
 
 
@@ -69,20 +93,51 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
     return down + right
 
 
-class _Scorer:
-    """Runs the model on a batch of [0, 1] images and evaluates each image's own objective."""
+def gram_similarity(maps: torch.Tensor, copies: int) -> torch.Tensor:
+    """For (n, C, h, w) feature maps in groups of ``copies`` consecutive images: per image, the mean cosine
+    similarity between its Gram matrix (C x C) and those of the other images of its group. (n,) values in
+    [-1, 1]; 0 for a group of one."""
+    n, c = maps.shape[:2]
+    if copies < 2:
+        return maps.new_zeros(n)
+    flat = maps.reshape(n, c, -1)
+    grams = torch.nn.functional.normalize((flat @ flat.transpose(1, 2)).reshape(n // copies, copies, c * c), dim=2)
+    cosines = grams @ grams.transpose(1, 2)  # (groups, copies, copies), 1 on the diagonal
+    return ((cosines.sum(dim=2) - cosines.diagonal(dim1=1, dim2=2)) / (copies - 1)).reshape(n)
 
-    def __init__(self, model: Model, bound: list[BoundObjective], per_pass: int) -> None:
-        self.model, self.bound, self.per_pass = model, bound, per_pass
-        self.refs = list(dict.fromkeys(ref for objective in bound for ref in objective.layers))
+
+class _Scorer:
+    """Runs the model on a batch of [0, 1] images and evaluates each image's own objective (and, with
+    diversity, each image's similarity to the other copies of its objective, at ``diversity_ref``)."""
+
+    def __init__(
+        self,
+        model: Model,
+        bound: list[BoundObjective],
+        per_pass: int,
+        copies: int = 1,
+        diversity: float = 0.0,
+        diversity_ref: LayerRef | None = None,
+    ) -> None:
+        self.model, self.bound, self.copies, self.diversity = model, bound, copies, diversity
+        self.per_pass = max(1, per_pass // copies) * copies  # a pass holds whole groups of copies
+        self.diversity_ref = diversity_ref
+        layers = [ref for objective in bound for ref in objective.layers]
+        self.refs = list(dict.fromkeys(layers + ([diversity_ref] if diversity_ref is not None else [])))
         self.needs_logits = any(objective.uses_logits for objective in bound)
+        self._as_map = feature_map(model, diversity_ref) if diversity_ref is not None else None
+
+    def similarity(self, record) -> torch.Tensor:
+        """Each image of the current pass against the other copies of its objective."""
+        return gram_similarity(self._as_map(record.activations[self.diversity_ref.key]), self.copies)
 
     def values(self, record, logits: torch.Tensor | None, rows: range) -> torch.Tensor:
         acts = {ref.key: record.activations[ref.key] for ref in self.refs}
         return evaluate_each(self.bound[rows.start : rows.stop], acts, logits)
 
     def gradient(self, inputs: torch.Tensor, record) -> tuple[torch.Tensor, torch.Tensor]:
-        """(objective values, d objective / d inputs) for a normalized batch, in passes."""
+        """(objective values, d (objective - diversity * similarity) / d inputs) for a normalized batch,
+        in passes."""
         grads, values = [], []
         for start in range(0, inputs.shape[0], self.per_pass):
             stop = min(inputs.shape[0], start + self.per_pass)
@@ -94,14 +149,18 @@ class _Scorer:
                     "this model's outputs carry no gradients (a black-box function, or a forward under no_grad); "
                     "activation maximization needs a differentiable PyTorch model"
                 )
-            (grad,) = torch.autograd.grad(value.sum(), x)
+            total = value.sum()
+            if self.diversity > 0:
+                total = total - self.diversity * self.similarity(record).sum()
+            (grad,) = torch.autograd.grad(total, x)
             grads.append(grad)
             values.append(value.detach())
         return torch.cat(values), torch.cat(grads)
 
-    def evaluate(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(objective values, logits) of [0, 1] images as they are (full forward, no gradients)."""
-        values, logits = [], []
+    def evaluate(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(objective values, logits, similarities or None) of [0, 1] images as they are (full forward,
+        no gradients)."""
+        values, logits, similarities = [], [], []
         with capture(self.model.module, self.refs) as record, torch.no_grad():
             for start in range(0, images.shape[0], self.per_pass):
                 stop = min(images.shape[0], start + self.per_pass)
@@ -109,7 +168,9 @@ class _Scorer:
                 out = self.model.module(x)
                 values.append(self.values(record, out, range(start, stop)))
                 logits.append(out)
-        return torch.cat(values), torch.cat(logits)
+                if self.diversity_ref is not None:
+                    similarities.append(self.similarity(record))
+        return torch.cat(values), torch.cat(logits), torch.cat(similarities) if similarities else None
 
 
 def maximize(
@@ -125,6 +186,9 @@ def maximize(
     l2: float = 0.0,
     seed: int = 0,
     decorrelate: bool = True,
+    copies: int = 1,
+    diversity: float = 0.0,
+    diversity_layer: LayerSpec | None = None,
     images_per_pass: int | None = None,
     quiet: bool = False,
     max_seconds: float | None = None,
@@ -142,6 +206,14 @@ def maximize(
         tv, l2: weights of the total-variation and L2 penalties on the image.
         seed: every random draw (initial image, transforms) comes from a generator seeded with it;
             the same seed gives the same images bit for bit on CPU.
+        copies: images per objective, each from its own random start (rows ``k*copies ...`` of the
+            result belong to objective k).
+        diversity: weight of the penalty on the similarity of the copies of one objective (lucent's
+            diversity term); needs ``copies >= 2``. Values around the objective's own size work: e.g.
+            10-100 for a channel of the default model.
+        diversity_layer: the layer whose Gram matrices are compared (default: the first layer the
+            objectives read, else the model's middle spatial layer). With copies, ``stats`` reports the
+            copies' mean similarity at it before and after (``similarity_start``, ``similarity_final``).
         max_seconds: stop early and return the images so far (``stats["stopped_early"]``).
     """
     model = load_model(model)
@@ -162,11 +234,24 @@ def maximize(
     transforms = Transforms() if transforms is None else transforms
     if not isinstance(transforms, Transforms):
         raise InputError("transforms must be a cnnscope.features.Transforms")
-    bound = [objective.bind(model) for objective in wanted]
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise InputError(f"copies must be a whole number >= 1, got {copies!r}")
+    if diversity < 0:
+        raise InputError(f"the diversity weight must be zero or positive, got {diversity}")
+    if diversity > 0 and copies < 2:
+        raise InputError("diversity pushes apart the copies of one objective: set copies to 2 or more")
+    bound = [bound for objective in wanted for bound in [objective.bind(model)] * copies]
     per_pass = images_per_pass or auto_images_per_pass(model)
     if per_pass < 1:
         raise InputError(f"images_per_pass must be at least 1, got {per_pass}")
-    scorer = _Scorer(model, bound, per_pass)
+    diversity_ref = None  # with copies, the similarities are reported (and penalized with diversity > 0)
+    if copies > 1:
+        if diversity_layer is not None:
+            diversity_ref = model.layer(diversity_layer)
+        else:
+            read = [ref for objective in bound for ref in objective.layers]
+            diversity_ref = read[0] if read else middle_layer(model)
+    scorer = _Scorer(model, bound, per_pass, copies, diversity, diversity_ref)
     generator = torch.Generator().manual_seed(int(seed))
     image_param = make_param(param, len(bound), size, generator, decorrelate=decorrelate, device=model.device)
     optimizer = torch.optim.Adam(image_param.parameters(), lr=lr)
@@ -177,7 +262,7 @@ def maximize(
     try:
         with preserved(model.module, freeze=True), torch.inference_mode(False), torch.enable_grad():
             with torch.no_grad():
-                start_values, _ = scorer.evaluate(image_param.image())
+                start_values, _, start_similarity = scorer.evaluate(image_param.image())
             optimize_started = time.perf_counter()
             with capture(model.module, scorer.refs, stop=not scorer.needs_logits) as record:
                 for _ in range(steps):
@@ -201,7 +286,7 @@ def maximize(
             optimize_seconds = time.perf_counter() - optimize_started
             with torch.no_grad():
                 result = image_param.image().detach()
-                final_values, logits = scorer.evaluate(result)
+                final_values, logits, final_similarity = scorer.evaluate(result)
     finally:
         progress.close()
     done = len(history)
@@ -224,12 +309,23 @@ def maximize(
             "l2": l2,
             "seed": seed,
             "decorrelate": decorrelate,
+            "copies": copies,
+            "diversity": diversity,
+            "diversity_layer": diversity_ref.key if diversity_ref is not None else None,
         },
         stats={
             "seconds": time.perf_counter() - started,
             "steps_done": done,
             "iterations_per_second": done / optimize_seconds if optimize_seconds > 0 and done else 0.0,
-            "images_per_pass": per_pass,
+            "images_per_pass": scorer.per_pass,
             "stopped_early": stopped_early,
+            **_similarity_stats(start_similarity, final_similarity),
         },
     )
+
+
+def _similarity_stats(start: torch.Tensor | None, final: torch.Tensor | None) -> dict:
+    """With diversity: the copies' mean Gram similarity before and after (lower: more different)."""
+    if start is None or final is None:
+        return {}
+    return {"similarity_start": float(start.mean()), "similarity_final": float(final.mean())}

@@ -151,7 +151,9 @@ def class_logit(target: int | str, *, score: str = "logit") -> Objective:
     return Objective(f"{word}:{target}", (), True, build)
 
 
-def _map_of(model, ref: LayerRef) -> Callable[[torch.Tensor], torch.Tensor]:
+def feature_map(model, ref: LayerRef) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How to view ``ref``'s output as (n, C, h, w) maps: feature maps as they are, transformer tokens
+    on their grid, a vector layer as 1x1 maps; anything else is a one-line InputError."""
     adapter = layer_adapter(ref.output_shape, model.preprocess.size)
     if adapter is None:
         if len(ref.output_shape) == 2:
@@ -169,7 +171,7 @@ def _check_channel(ref: LayerRef, index: int, channels: int) -> None:
 
 
 def _channel_count(model, ref: LayerRef) -> int:
-    shaped = _map_of(model, ref)(torch.empty(ref.output_shape, device="meta"))
+    shaped = feature_map(model, ref)(torch.empty(ref.output_shape, device="meta"))
     return int(shaped.shape[1])
 
 
@@ -179,7 +181,7 @@ def channel(layer: LayerSpec, index: int) -> Objective:
     def build(model, refs) -> Evaluate:
         ref = refs[_spec_key(layer)]
         _check_channel(ref, index, _channel_count(model, ref))
-        as_map = _map_of(model, ref)
+        as_map = feature_map(model, ref)
         return lambda acts, logits: as_map(acts[ref.key])[:, index].mean(dim=(-2, -1))
 
     return Objective(f"channel:{_layer_name(layer)}:{index}", (layer,), False, build)
@@ -191,7 +193,7 @@ def neuron(layer: LayerSpec, index: int, y: int | None = None, x: int | None = N
     def build(model, refs) -> Evaluate:
         ref = refs[_spec_key(layer)]
         _check_channel(ref, index, _channel_count(model, ref))
-        as_map = _map_of(model, ref)
+        as_map = feature_map(model, ref)
 
         def evaluate(acts, logits):
             grid = as_map(acts[ref.key])[:, index]
@@ -220,7 +222,7 @@ def layer_activation(layer: LayerSpec, channels: Sequence[int] | None = None, *,
         count = _channel_count(model, ref)
         for index in chosen or []:
             _check_channel(ref, index, count)
-        as_map = _map_of(model, ref)
+        as_map = feature_map(model, ref)
 
         def evaluate(acts, logits):
             values = as_map(acts[ref.key])
@@ -231,6 +233,15 @@ def layer_activation(layer: LayerSpec, channels: Sequence[int] | None = None, *,
         return evaluate
 
     return Objective(f"layer:{_layer_name(layer)}", (layer,), False, build)
+
+
+def middle_layer(model):
+    """The spatial layer halfway through the model's trace (mid-level features: Deep Dream's default layer,
+    and the default layer of the diversity term)."""
+    spatial = [call for call in model.calls() if call.is_spatial and call.tensor_output and call.depth <= 1]
+    if not spatial:
+        raise InputError("the model has no spatial layer to use here; pass a layer (cnnscope layers lists them)")
+    return model.layer(spatial[len(spatial) // 2].key)
 
 
 def _layer_name(layer: LayerSpec) -> str:
