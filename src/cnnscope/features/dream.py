@@ -26,6 +26,7 @@ from ..methods.base import auto_images_per_pass
 from ..models import Model, load_model
 from ..progress import Progress
 from ..render.figure import FigureResult
+from ..render.plates import batch_to_uint8
 from ..state import preserved
 from .objectives import channel, evaluate_each, layer_activation, middle_layer
 
@@ -203,7 +204,7 @@ def deep_dream(
         progress.close()
     dreamed_all = torch.cat(results)
     back = F.interpolate(dreamed_all, size=photo.shape[:2], mode="bilinear", align_corners=False)
-    pixels = (back.permute(0, 2, 3, 1).cpu().numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    pixels = batch_to_uint8(back)
     return Dream(
         images=pixels,
         channels=groups,

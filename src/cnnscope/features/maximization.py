@@ -35,6 +35,7 @@ from ..models import Model, load_model
 from ..models.model import Prediction
 from ..progress import Progress
 from ..render.figure import FigureResult
+from ..render.plates import batch_to_uint8
 from ..state import preserved
 from .objectives import (
     BoundObjective,
@@ -290,7 +291,7 @@ def maximize(
     finally:
         progress.close()
     done = len(history)
-    pixels = (result.permute(0, 2, 3, 1).cpu().numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    pixels = batch_to_uint8(result)
     return Visualization(
         images=pixels,
         tensor=result,

@@ -59,6 +59,11 @@ def to_uint8(values: np.ndarray, low: float | None = None, high: float | None = 
     return np.clip((values - low) / (high - low) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def batch_to_uint8(images) -> np.ndarray:
+    """A (N, 3, H, W) float tensor in [0, 1] as (N, H, W, 3) uint8 images."""
+    return to_uint8(images.detach().permute(0, 2, 3, 1).cpu().numpy(), 0.0, 1.0)
+
+
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of an RGB uint8 image."""
     if image.shape[:2] == (height, width):
