@@ -66,13 +66,14 @@ def test_maximize_classes_and_objectives(capsys, tmp_path):
 def test_maximize_copies_with_diversity(capsys, tmp_path):
     code, out, err = run(
         capsys, "maximize", "--channel", "_blocks.10:3", "--copies", "2", "--diversity", "10", "--steps", "8",
-        "--size", "64", "-o", str(tmp_path), "--json", "-q",
+        "--size", "64", "--snapshot", "4", "-o", str(tmp_path), "--json", "-q",
     )  # fmt: skip
     assert code == 0, err
     summary = json.loads(out)
     assert [entry["objective"] for entry in summary["objectives"]] == ["channel:_blocks.10:3"] * 2
     assert summary["similarity_final"] < summary["similarity_start"]
-    assert len(summary["files"]) == 3
+    assert [file.rsplit("/", 1)[-1] for file in summary["files"][:2]] == ["maximize.png", "maximize_step4.png"]
+    assert len(summary["files"]) == 4
     code, out, err = run(capsys, "maximize", "--class", "1", "--copies", "2", "--steps", "2", "--size", "32",
                          "-o", str(tmp_path))  # fmt: skip
     assert code == 0 and "similarity of the copies at" in out, err
@@ -107,6 +108,7 @@ def test_layers_diagram(capsys, tmp_path):
         (["maximize", "--class", "1", "--scale", "2", "--steps", "1"], "LOW,HIGH"),
         (["maximize", "--class", "1", "--scale", "1.2,0.9", "--steps", "1"], "smallest <= largest"),
         (["maximize", "--class", "1", "--diversity", "5", "--steps", "1"], "set copies to 2 or more"),
+        (["maximize", "--class", "1", "--snapshot", "9", "--steps", "2"], "between 1 and steps"),
         (["filters", "--layer", "_bn0"], "not a Conv2d"),
         (["dream", "{cat}", "--channels", "9-2"], "runs backwards"),
         (["activations", "{cat}", "--layer", "_fc"], "not a feature map"),

@@ -170,6 +170,20 @@ def test_bad_input_says_what_to_do(default_model):
         maximize(default_model, [1], copies=2, diversity=-1.0, steps=1)
 
 
+def test_snapshots_are_the_images_a_shorter_run_ends_with(default_model):
+    common = dict(size=48, seed=3, quiet=True)
+    long = maximize(default_model, [1, "channel:_blocks.10:3"], steps=6, snapshots=[2, 6], **common)
+    short = maximize(default_model, [1, "channel:_blocks.10:3"], steps=2, **common)
+    assert sorted(long.snapshots) == [2, 6]
+    assert np.array_equal(long.snapshots[2], short.images)  # the same seed draws the same transforms
+    assert np.array_equal(long.snapshots[6], long.images)
+    assert not np.array_equal(long.snapshots[2], long.images)
+    with pytest.raises(InputError, match="no snapshot after step 3"):
+        long.figure(step=3)
+    with pytest.raises(InputError, match="between 1 and steps"):
+        maximize(default_model, [1], steps=4, snapshots=[5], **common)
+
+
 def test_gram_similarity_is_the_mean_cosine_to_the_other_copies():
     maps = torch.randn(6, 5, 4, 3, generator=torch.Generator().manual_seed(0))
     grams = [(m.reshape(5, -1) @ m.reshape(5, -1).T).flatten() for m in maps]

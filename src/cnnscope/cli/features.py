@@ -131,6 +131,9 @@ def maximize(
     diversity_layer: Annotated[
         str | None, typer.Option("--diversity-layer", help="layer the copies are compared at")
     ] = None,
+    snapshot: Annotated[
+        list[int] | None, typer.Option("--snapshot", help="also save the plate after this step; repeatable")
+    ] = None,
     seed: SeedOpt = 0,
     out: OutOpt = Path("cnnscope-out"),
     model: ModelOpt = DEFAULT_MODEL,
@@ -179,10 +182,13 @@ def maximize(
         copies=copies,
         diversity=diversity,
         diversity_layer=diversity_layer,
+        snapshots=snapshot or (),
         quiet=quiet,
     )
     plate = _write_file(out / "maximize.png", figure_png(result.figure()))
     files = [str(plate)]
+    for step in result.snapshots:
+        files.append(str(_write_file(out / f"maximize_step{step}.png", figure_png(result.figure(step=step)))))
     for index, (name, picture) in enumerate(zip(result.objectives, result.images, strict=True)):
         files.append(str(_write_file(out / f"maximize_{index}_{safe_filename(name)}.png", png_bytes(picture))))
     summary = {

@@ -63,6 +63,8 @@ class Visualization(FigureResult):
     predictions: list[list[Prediction]]  # the model's top-5 for each result
     options: dict
     stats: dict = field(default_factory=dict)
+    #: the images after chosen steps (``snapshots=`` of :func:`maximize`), by step: (N, H, W, 3) uint8
+    snapshots: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.objectives)
@@ -78,13 +80,17 @@ class Visualization(FigureResult):
             for name, top in zip(self.objectives, self.predictions, strict=True)
         ]
 
-    def figure(self, columns: int | None = None):
-        """The images as a plate (with copies: one row per objective)."""
+    def figure(self, columns: int | None = None, step: int | None = None):
+        """The images as a plate (with copies: one row per objective); ``step``: a snapshot's images."""
         from ..render.plates import plate_figure
 
         if columns is None and self.copies > 1:
             columns = self.copies
-        return plate_figure(list(self.images), self.captions(), columns=columns, title="activation maximization")
+        if step is None:
+            return plate_figure(list(self.images), self.captions(), columns=columns, title="activation maximization")
+        if step not in self.snapshots:
+            raise InputError(f"no snapshot after step {step}; kept: {sorted(self.snapshots) or 'none'}")
+        return plate_figure(list(self.snapshots[step]), self.objectives, columns=columns, title=f"after step {step}")
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
@@ -190,6 +196,7 @@ def maximize(
     copies: int = 1,
     diversity: float = 0.0,
     diversity_layer: LayerSpec | None = None,
+    snapshots: Sequence[int] = (),
     images_per_pass: int | None = None,
     quiet: bool = False,
     max_seconds: float | None = None,
@@ -215,6 +222,8 @@ def maximize(
         diversity_layer: the layer whose Gram matrices are compared (default: the first layer the
             objectives read, else the model's middle spatial layer). With copies, ``stats`` reports the
             copies' mean similarity at it before and after (``similarity_start``, ``similarity_final``).
+        snapshots: steps after which to keep the images too (lucent's ``thresholds``), to see how
+            they form: ``result.snapshots[step]``.
         max_seconds: stop early and return the images so far (``stats["stopped_early"]``).
     """
     model = load_model(model)
@@ -229,6 +238,9 @@ def maximize(
         raise InputError(f"lr must be positive, got {lr}")
     if tv < 0 or l2 < 0:
         raise InputError("the tv and l2 weights must be zero or positive")
+    keep = sorted({int(step) for step in snapshots})
+    if keep and not 1 <= keep[0] <= keep[-1] <= steps:
+        raise InputError(f"snapshot steps must lie between 1 and steps ({steps}); got {keep}")
     if isinstance(size, int):
         size = (size, size)
     size = tuple(size) if size is not None else tuple(model.preprocess.size)
@@ -257,6 +269,7 @@ def maximize(
     image_param = make_param(param, len(bound), size, generator, decorrelate=decorrelate, device=model.device)
     optimizer = torch.optim.Adam(image_param.parameters(), lr=lr)
     history: list[torch.Tensor] = []
+    kept: dict[int, np.ndarray] = {}
     progress = Progress(steps, "maximize", quiet=quiet, max_seconds=max_seconds)
     started = time.perf_counter()
     stopped_early = False
@@ -283,6 +296,9 @@ def maximize(
                     loss.backward()
                     optimizer.step()
                     history.append(values)
+                    if len(history) in keep:
+                        with torch.no_grad():
+                            kept[len(history)] = batch_to_uint8(image_param.image())
                     progress.update()
             optimize_seconds = time.perf_counter() - optimize_started
             with torch.no_grad():
@@ -322,6 +338,7 @@ def maximize(
             "stopped_early": stopped_early,
             **_similarity_stats(start_similarity, final_similarity),
         },
+        snapshots=kept,
     )
 
 
