@@ -76,6 +76,23 @@ def load_images(sources: Iterable[ImageSource], *, max_pixels: int = MAX_PIXELS)
     return [load_image(source, max_pixels=max_pixels) for source in sources]
 
 
+def load_labels(source: ImageSource) -> np.ndarray:
+    """(H, W) int64 region labels, for a user's own regions (LIME's ``feature_mask``): a 2-D integer
+    array (numpy or torch) as it is, or an image (path, bytes, PIL image, (H, W, 3) array) in which each
+    distinct colour is one region, as annotation tools save label PNGs (the grey level of a greyscale
+    image is its label; a colour's label is 0xRRGGBB)."""
+    if hasattr(source, "detach") and hasattr(source, "cpu"):  # a torch tensor, without importing torch here
+        source = source.detach().cpu().numpy()
+    if isinstance(source, np.ndarray) and source.ndim == 2:
+        if not np.issubdtype(source.dtype, np.integer) and not np.issubdtype(source.dtype, np.bool_):
+            raise InputError(f"a region mask must hold integer labels, not {source.dtype} values")
+        return source.astype(np.int64)
+    pixels = load_image(source).astype(np.int64)
+    if (pixels[..., :1] == pixels).all():  # a greyscale label image: its values are the labels
+        return pixels[..., 0]
+    return pixels @ np.array([1 << 16, 1 << 8, 1])  # each colour as 0xRRGGBB
+
+
 def safe_filename(text: str, keep: str = "-_.") -> str:
     """``text`` as part of a file name: letters and digits kept, as are the characters in ``keep``;
     everything else becomes ``_``."""

@@ -158,3 +158,18 @@ def test_overlay_blends_on_the_original_and_keeps_zero_evidence_clear():
     assert (signed[0, 0] == 100).all()  # zero evidence: the photo unchanged
     centre = signed[15, 20].astype(int)
     assert centre[2] > centre[0]  # negative evidence drawn blue
+
+
+def test_label_images_become_region_labels(tmp_path):
+    from cnnscope.io import load_labels
+
+    colours = np.zeros((4, 6, 3), dtype=np.uint8)
+    colours[:, 2:4] = (255, 0, 0)
+    colours[:, 4:] = (0, 128, 7)
+    Image.fromarray(colours).save(tmp_path / "labels.png")
+    labels = load_labels(tmp_path / "labels.png")
+    assert labels.shape == (4, 6) and sorted(np.unique(labels)) == [0, 0x008007, 0xFF0000]
+    grey = np.array([[3, 3, 9], [9, 200, 3]], dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    assert np.array_equal(load_labels(tmp_path / "grey.png"), grey)  # a grey level is its own label
+    assert np.array_equal(load_labels(grey.astype(np.int32)), grey)

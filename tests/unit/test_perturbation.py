@@ -135,6 +135,40 @@ def test_lime_top_superpixel_lies_on_the_evidence(quadrant, segmentation):
     assert torch.equal(explanation.raw, again.raw)  # seeded: the same answer every run
 
 
+def quadrant_labels(scale: int = 1) -> np.ndarray:
+    """The four quadrants of a 32x32 input labelled 10, 20, 30, 40 (quadrant 0..3), ``scale`` times larger."""
+    masks = quadrant_masks(32, 32)[:, 0].numpy()
+    labels = sum((10 * (q + 1) * masks[q]).astype(np.int64) for q in range(4))
+    return np.kron(labels, np.ones((scale, scale), dtype=np.int64))
+
+
+def test_lime_on_your_own_regions(quadrant, tmp_path):
+    from PIL import Image
+
+    from cnnscope.methods import LIME
+
+    big = quadrant_labels(scale=2)  # at twice the input size: resized by nearest neighbour
+    Image.fromarray(big.astype(np.uint8)).save(tmp_path / "regions.png")
+    images = torch.cat([evidence_image(1), evidence_image(2)])
+    common = dict(samples=200, fill="zero", quiet=True)
+    for mask in (big, torch.from_numpy(big), str(tmp_path / "regions.png"), [big, quadrant_labels()]):
+        explanation = LIME(quadrant, feature_mask=mask, **common)(images, [[1], [2]])
+        # the evidence quadrant is the top region, named by its own label; every quadrant is one value
+        assert [explanation.stats["top_positive"][i][0][0] for i in range(2)] == [20, 30]
+        assert sorted(explanation.stats["top_positive"][0][0]) == [10, 20, 30, 40]
+        for q in range(4):
+            inside = explanation.raw[0, 0][quadrant_masks(32, 32)[q, 0].bool()]
+            assert torch.all(inside == inside[0])
+    with pytest.raises(MethodError, match="single region"):
+        LIME(quadrant, feature_mask=np.zeros((32, 32), dtype=int), **common)(images[:1], 1)
+    with pytest.raises(MethodError, match="2 masks for 1 images"):
+        LIME(quadrant, feature_mask=[big, big], **common)(images[:1], 1)
+    with pytest.raises(cnnscope.InputError, match="feature_mask: .*no such file"):
+        LIME(quadrant, feature_mask=str(tmp_path / "missing.png"), **common)(images[:1], 1)
+    with pytest.raises(cnnscope.InputError, match="integer labels"):
+        LIME(quadrant, feature_mask=np.zeros((32, 32)), **common)(images[:1], 1)
+
+
 def test_lime_errors_and_convergence(quadrant):
     from cnnscope.methods import LIME
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import MethodError
+from ..errors import InputError, MethodError
 from ..progress import Progress
 from .base import Computed, Method, auto_images_per_pass, register_method
 from .gradient import gaussian_blur
@@ -366,7 +366,13 @@ class LIME(PerturbationMethod):
     superpixel beats the next by three standard errors of the surrogate's coefficients, so that more
     samples would not change the top set; ``stats["samples_used"]`` says how many were used. On the
     sample photos the 5th and 6th superpixels stay within that margin even at 1,000 samples, so it does
-    not stop early there; it does on clear-cut images."""
+    not stop early there; it does on clear-cut images.
+
+    ``feature_mask`` replaces the superpixels with your own regions (Captum's ``feature_mask``): an
+    integer label array or a label image (a path: a greyscale image's values are the labels, a colour
+    image's colours are), one for every image or a list with one per image, at the photo's or the model
+    input's size (resized by nearest neighbour, as the photo is resized whole). ``top_positive`` and
+    ``top_negative`` then name your labels."""
 
     summary = "local linear surrogate over superpixels (Ribeiro et al. 2016), seeded"
     options: ClassVar[dict[str, object]] = {
@@ -383,10 +389,48 @@ class LIME(PerturbationMethod):
         "min_samples": 300,
         "top": 5,
         "sampling": "paired",
+        "feature_mask": None,
     }
 
     def is_signed(self) -> bool:
         return True
+
+    def _regions(self, pixels: np.ndarray, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W) labels 0..S-1 of image ``index`` of ``count`` at the input size, and the S region ids
+        reported to the user (the superpixel numbers, or the labels of the user's ``feature_mask``)."""
+        mask = self.config["feature_mask"]
+        if mask is None:
+            labels = superpixels(
+                pixels,
+                str(self.config["segmentation"]),
+                int(self.config["segments"]),
+                dict(self.config["segmentation_options"] or {}),
+            )
+            return labels, np.arange(int(labels.max()) + 1)
+        if isinstance(mask, (list, tuple)) and all(isinstance(row, (list, tuple)) for row in mask):
+            mask = np.asarray(mask)  # nested lists (JSON): one (H, W) mask, or (N, H, W)
+        per_image = isinstance(mask, (list, tuple)) or getattr(mask, "ndim", 2) == 3
+        if per_image:
+            if len(mask) != count:
+                raise MethodError(f"feature_mask holds {len(mask)} masks for {count} images; give one per image")
+            mask = mask[index]
+        from PIL import Image
+
+        from ..io import load_labels
+
+        try:
+            given = load_labels(mask)
+        except InputError as exc:
+            raise InputError(f"feature_mask: {exc}") from None
+        ids, dense = np.unique(given, return_inverse=True)
+        if len(ids) < 2:
+            raise MethodError("feature_mask has a single region; LIME needs at least two regions to compare")
+        height, width = pixels.shape[:2]
+        dense = dense.reshape(given.shape).astype(np.int32)
+        if dense.shape != (height, width):
+            dense = np.asarray(Image.fromarray(dense).resize((width, height), Image.Resampling.NEAREST))
+        present = np.unique(dense)  # a region too small to survive the resize has no pixels left
+        return np.searchsorted(present, dense), ids[present]
 
     def compute(self, batch: torch.Tensor, resolve) -> Computed:
         base = self.base_scores(batch, "probability")
@@ -408,30 +452,25 @@ class LIME(PerturbationMethod):
             max_seconds=self.config["max_seconds"],
         )
         for b in range(batch.shape[0]):
-            coefficients, r2, used, passes, stopped, labels = self._explain_one(batch[b : b + 1], targets[b], progress)
+            pixels = self.pixels(batch[b : b + 1])[0].permute(1, 2, 0).cpu().numpy().astype(np.float64)
+            labels, ids = self._regions(pixels, b, batch.shape[0])
+            coefficients, r2, used, passes, stopped = self._explain_one(batch[b : b + 1], labels, targets[b], progress)
             forwards += passes
             maps[b] = torch.from_numpy(coefficients.T[:, labels]).float().to(batch.device)
             top = int(self.config["top"])
             extra["r2"].append([float(v) for v in r2])
             extra["top_positive"].append(
-                [np.argsort(-coefficients[:, k])[:top].tolist() for k in range(coefficients.shape[1])]
+                [ids[np.argsort(-coefficients[:, k])[:top]].tolist() for k in range(coefficients.shape[1])]
             )
             extra["top_negative"].append(
-                [np.argsort(coefficients[:, k])[:top].tolist() for k in range(coefficients.shape[1])]
+                [ids[np.argsort(coefficients[:, k])[:top]].tolist() for k in range(coefficients.shape[1])]
             )
             extra["samples_used"].append(used)
             extra["stopped_early"].append(stopped)
         progress.close()
         return self.finish(maps, base, "probability", targets, forwards, **extra)
 
-    def _explain_one(self, image: torch.Tensor, targets: torch.Tensor, progress: Progress):
-        pixels = self.pixels(image)[0].permute(1, 2, 0).cpu().numpy().astype(np.float64)
-        labels = superpixels(
-            pixels,
-            str(self.config["segmentation"]),
-            int(self.config["segments"]),
-            dict(self.config["segmentation_options"] or {}),
-        )
+    def _explain_one(self, image: torch.Tensor, labels: np.ndarray, targets: torch.Tensor, progress: Progress):
         count = int(labels.max()) + 1
         label_tensor = torch.from_numpy(labels).to(image.device)
         if self.config["fill"] == "mean":
@@ -478,7 +517,7 @@ class LIME(PerturbationMethod):
                 break
         if not self.config["converge"] or used >= total or stopped:
             coefficients, r2, _ = self._fit(switches[:used], scores[:used])
-        return coefficients, r2, used, passes, stopped, labels
+        return coefficients, r2, used, passes, stopped
 
     def _fit(self, switches: np.ndarray, scores: np.ndarray):
         distances = 1.0 - (switches @ np.ones(switches.shape[1])) / (
