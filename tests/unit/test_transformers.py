@@ -48,7 +48,9 @@ def test_gradcam_on_tokens_equals_the_formula(extra):
 
 
 @pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
-@pytest.mark.parametrize("name", ["gradcam", "gradcam++", "hirescam", "layercam", "xgradcam", "eigencam", "scorecam"])
+@pytest.mark.parametrize(
+    "name", ["gradcam", "gradcam++", "hirescam", "layercam", "xgradcam", "eigencam", "scorecam", "ablationcam"]
+)
 def test_cams_pass_the_contract_on_a_vit(name):
     model = tiny_vit()
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -88,9 +90,34 @@ def test_eigencam_and_scorecam_read_the_token_grid():
     torch.testing.assert_close(score.raw[0, 0], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_ablationcam_says_it_needs_convolutions():
-    with pytest.raises(MethodError, match="use eigencam, scorecam or a gradient CAM"):
-        cnnscope.get_method("ablationcam")(tiny_vit())(torch.rand(1, 3, 32, 32), 0)
+def test_ablationcam_on_tokens_zeroes_each_feature_of_every_token():
+    model = tiny_vit(extra_tokens=1)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    explanation = cnnscope.get_method("ablationcam")(model, relu=False)(images, [[0], [2]])
+    layer = model.module.blocks[1]["norm1"]
+    for b, target in enumerate([0, 2]):
+        kept = []
+        handle = layer.register_forward_hook(lambda m, i, o, kept=kept: kept.append(o.detach()))
+        with torch.no_grad():
+            score = model.module(images[b : b + 1])[0, target]
+        handle.remove()
+        tokens = kept[0]  # (1, 65, D): the class token and an 8x8 grid
+        drops = []
+        for d in range(tokens.shape[-1]):
+            ablated = tokens.clone()
+            ablated[..., d] = 0
+            handle = layer.register_forward_hook(lambda m, i, o, ablated=ablated: ablated)
+            with torch.no_grad():
+                drops.append(score - model.module(images[b : b + 1])[0, target])
+            handle.remove()
+        weights = torch.stack(drops) / score
+        expected = (weights[:, None, None] * to_grid(tokens, (1, 8, 8))[0]).sum(0)
+        torch.testing.assert_close(explanation.raw[b, 0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cam_on_a_class_token_head_says_why_not():
+    with pytest.raises(MethodError, match="CAM needs"):
+        cnnscope.get_method("cam")(tiny_vit())(torch.rand(1, 3, 32, 32), 0)
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("torchvision"), reason="torchvision not installed")
@@ -141,3 +168,14 @@ def test_channels_last_layers_are_recognised():
     torch.testing.assert_close(explanation.raw[:, 0], expected, rtol=1e-4, atol=1e-6)
     layers = cnnscope.get_method("gradcam")(model, relu=False).explain_layers(images, ["mlp", "embed"], 1)
     torch.testing.assert_close(layers["mlp"].raw, explanation.raw, rtol=1e-4, atol=1e-6)
+    # the head is pooling + linear on the channels-last map: CAM is W[c] . A, and Ablation-CAM's drops are
+    # W[c, k] mean(A[k]) (its closed form, verified on the input, applies to the map view)
+    weight = model.module.head.weight.detach()[1]
+    cam = cnnscope.get_method("cam")(model, layer="mlp")(images, 1)
+    torch.testing.assert_close(cam.raw[:, 0], torch.einsum("c,bchw->bhw", weight, a), rtol=1e-4, atol=1e-5)
+    ablation = cnnscope.get_method("ablationcam")(model, layer="mlp", relu=False)(images, 1)
+    drops = weight * a.mean(dim=(2, 3))  # (B, C)
+    expected = torch.einsum("bc,bchw->bhw", drops / logits[:, 1:2].detach(), a)
+    torch.testing.assert_close(ablation.raw[:, 0], expected, rtol=1e-4, atol=1e-5)
+    layers = cnnscope.get_method("ablationcam")(model, relu=False).explain_layers(images, ["mlp"], 1)
+    torch.testing.assert_close(layers["mlp"].raw, ablation.raw)

@@ -35,9 +35,6 @@ class CAMBase(Method):
 
     uses_layer: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = True
-    #: Gradient-free methods that only read the layer's activations (not change them inside the network)
-    #: and so also work on token and channels-last layers through their (B, C, h, w) view.
-    reads_maps_only: ClassVar[bool] = False
     options: ClassVar[dict[str, object]] = {"relu": True, "counterfactual": False}
 
     def channel_weights(
@@ -61,7 +58,7 @@ class CAMBase(Method):
             logits = self.model.module(batch)
             activations = record[layer.key]
         targets = resolve(logits)
-        self.check_head(activations, logits)
+        self.check_head(self.to_map(activations), logits)
         if self.layout != "channels-first":
             maps, backwards, extra_forwards = self._adapted_maps(activations, logits, targets, batch)
         else:
@@ -111,16 +108,10 @@ class CAMBase(Method):
 
     def _adapted_maps(self, activations, logits, targets, images):
         """A transformer layer (B, T, D) or a channels-last one (B, h, w, C): gradients w.r.t. the layer's own
-        output, then activations and gradients both put in (B, C, h, w) form. Methods that only read the
-        activations (``reads_maps_only``) run on the (B, C, h, w) view directly."""
+        output, then activations and gradients both put in (B, C, h, w) form. Gradient-free methods run on
+        the (B, C, h, w) view directly (Ablation-CAM, which changes the layer's output, overrides this)."""
         if not self.needs_gradients:
-            if self.reads_maps_only:
-                return self._weighted_maps(self.to_map(activations.detach()), logits, targets, images)
-            raise MethodError(
-                f"{self.name} changes the layer's output inside the network, which works on channels-first "
-                "convolutional layers only; on transformer tokens or channels-last maps use eigencam, scorecam "
-                "or a gradient CAM (gradcam, gradcam++, hirescam, layercam, xgradcam)"
-            )
+            return self._weighted_maps(self.to_map(activations.detach()), logits, targets, images)
         gradients = target_gradients(logits, activations, targets, retain_graph=False)
         if self.config.get("counterfactual"):
             gradients = -gradients
@@ -161,8 +152,6 @@ class CAMBase(Method):
                     f"{self.name} needs layers with map or patch-token outputs; {ref.key!r} outputs {ref.output_shape}"
                 )
             adapters[ref.key] = adapter[0]
-            if adapter[1] != "channels-first" and not self.needs_gradients:
-                raise MethodError(f"{self.name} works on channels-first convolutional layers, not {ref.key!r}")
         if not refs:
             raise MethodError("give at least one layer")
 
@@ -222,7 +211,8 @@ class CAMBase(Method):
 
 def find_linear_head(model, layer) -> tuple[nn.Linear | None, str]:
     """The last ``nn.Linear`` that runs, if it reads ``layer``'s channels; else None and why not."""
-    channels = layer.output_shape[1]
+    adapter = layer_adapter(layer.output_shape, model.preprocess.size)
+    channels = layer.output_shape[-1 if adapter is not None and adapter[1] != "channels-first" else 1]
     named = dict(model.module.named_modules())
     linears = [row for row in model.calls() if isinstance(named.get(row.name), nn.Linear)]
     if not linears:
@@ -456,7 +446,6 @@ class EigenCAM(CAMBase):
 
     summary = "first principal component of a layer's activations, class-agnostic (Muhammad & Yeasin 2020)"
     needs_gradients = False
-    reads_maps_only = True
     class_specific = False
     options: ClassVar[dict[str, object]] = {"relu": True}
 
@@ -497,7 +486,6 @@ class ScoreCAM(CAMBase):
 
     summary = "channels as input masks, weighted by the masked score (Wang et al. 2020)"
     needs_gradients = False
-    reads_maps_only = True
     options: ClassVar[dict[str, object]] = {"relu": True, "masks_per_pass": None}
 
     def _weighted_maps(self, activations, logits, targets, images):
@@ -541,14 +529,22 @@ class AblationCAM(CAMBase):
     image with the layer's output replaced by a batch of ablated copies, so the part before the layer
     runs once (falling back to whole passes for models whose forward cannot take that). Channels that
     are zero everywhere are not ablated: their weight is 0.
+
+    On transformer tokens (B, T, D) and channels-last maps (B, h, w, C) a channel is zeroed in the
+    layer's own layout (every token's feature d, class token included), and the weights multiply the
+    layer's (B, C, h, w) view, without a ``reshape_transform``.
     """
 
     summary = "channel weights from the score drop when each channel is zeroed (Desai & Ramaswamy 2020)"
     needs_gradients = False
     options: ClassVar[dict[str, object]] = {"relu": True, "ablations_per_pass": 256}
 
+    def _adapted_maps(self, activations, logits, targets, images):
+        return self._weighted_maps(activations, logits, targets, images)  # it handles the layer's own layout
+
     def _weighted_maps(self, activations, logits, targets, images):
-        detached = activations.detach()
+        raw = activations.detach()
+        detached = self.to_map(raw)  # (B, C, h, w)
         safe = targets.clamp_min(0)
         original = logits.detach().gather(1, safe)  # (B, K)
         head, _ = find_linear_head(self.model, self.layer)
@@ -556,7 +552,7 @@ class AblationCAM(CAMBase):
         if head is not None and is_gap_linear(head, detached, logits)[0]:
             drop = head.weight.detach()[safe] * detached.mean(dim=(2, 3)).unsqueeze(1)  # (B, K, C): y - y_c
         else:
-            drop, forwards = self._ablated_drops(detached, original, safe, images)
+            drop, forwards = self._ablated_drops(raw, original, safe, images)
         denominator = torch.where(original.abs() > 1e-12, original, torch.full_like(original, 1e-12))
         weights = drop / denominator.unsqueeze(-1)
         maps = torch.einsum("bkc,bchw->bkhw", weights.float(), detached)
@@ -564,18 +560,22 @@ class AblationCAM(CAMBase):
             maps = torch.relu(maps)
         return torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps)), 0, forwards
 
-    def _ablated_drops(self, detached, original, safe, images):
+    def _ablated_drops(self, raw, original, safe, images):
+        """(B, K, C) score drops, each channel zeroed in the layer's own layout ``raw``."""
         per_pass = int(self.config["ablations_per_pass"])
-        batch, channels = detached.shape[:2]
-        drops = torch.zeros((batch, safe.shape[1], channels), device=detached.device)
+        channel_dim = 1 if self.layout == "channels-first" else raw.ndim - 1
+        first = raw.movedim(channel_dim, 1)  # (B, C, ...)
+        batch, channels = first.shape[:2]
+        drops = torch.zeros((batch, safe.shape[1], channels), device=raw.device)
         forwards = 0
         for b in range(batch):
-            active = (detached[b].flatten(1).abs().amax(1) > 0).nonzero().flatten()
+            active = (first[b].flatten(1).abs().amax(1) > 0).nonzero().flatten()
             for start in range(0, len(active), per_pass):
                 chosen = active[start : start + per_pass]
-                ablated = detached[b : b + 1].repeat(len(chosen), 1, 1, 1)
+                ablated = first[b : b + 1].repeat(len(chosen), *([1] * (first.ndim - 1)))
                 ablated[torch.arange(len(chosen)), chosen] = 0
-                out, passes = self._run_with_layer_output(images[b : b + 1], ablated)
+                replacement = ablated.movedim(1, channel_dim).contiguous()
+                out, passes = self._run_with_layer_output(images[b : b + 1], replacement)
                 forwards += passes
                 drops[b, :, chosen] = original[b].unsqueeze(1) - out[:, safe[b]].T.float()
         return drops, forwards
