@@ -17,8 +17,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..errors import InputError, MethodError
+from ..io import load_labels
 from ..progress import Progress
 from .base import Computed, Method, auto_images_per_pass, register_method
 from .gradient import gaussian_blur
@@ -369,10 +371,10 @@ class LIME(PerturbationMethod):
     not stop early there; it does on clear-cut images.
 
     ``feature_mask`` replaces the superpixels with your own regions (Captum's ``feature_mask``): an
-    integer label array or a label image (a path: a greyscale image's values are the labels, a colour
-    image's colours are), one for every image or a list with one per image, at the photo's or the model
-    input's size (resized by nearest neighbour, as the photo is resized whole). ``top_positive`` and
-    ``top_negative`` then name your labels."""
+    (H, W) integer label array or a label image (a path: a greyscale image's values are the labels, a
+    colour image's colours are) for every image, or a list or (N, H, W) array with one per image, at the
+    photo's or the model input's size (resized by nearest neighbour, as the photo is resized whole).
+    ``top_positive`` and ``top_negative`` then name your labels."""
 
     summary = "local linear surrogate over superpixels (Ribeiro et al. 2016), seeded"
     options: ClassVar[dict[str, object]] = {
@@ -414,10 +416,6 @@ class LIME(PerturbationMethod):
             if len(mask) != count:
                 raise MethodError(f"feature_mask holds {len(mask)} masks for {count} images; give one per image")
             mask = mask[index]
-        from PIL import Image
-
-        from ..io import load_labels
-
         try:
             given = load_labels(mask)
         except InputError as exc:
