@@ -164,6 +164,8 @@ def test_bad_input_says_what_to_do(default_model):
         Transforms(scale=(1.2, 1.0))
     with pytest.raises(InputError, match="set copies to 2 or more"):
         maximize(default_model, [1], diversity=10.0, steps=1)
+    with pytest.raises(InputError, match="set copies to 2 or more"):
+        maximize(default_model, [1], diversity_layer="_blocks.10", steps=1)
     with pytest.raises(InputError, match="copies must be a whole number"):
         maximize(default_model, [1], copies=0, steps=1)
     with pytest.raises(InputError, match="diversity weight"):

@@ -251,7 +251,7 @@ def maximize(
         raise InputError(f"copies must be a whole number >= 1, got {copies!r}")
     if diversity < 0:
         raise InputError(f"the diversity weight must be zero or positive, got {diversity}")
-    if diversity > 0 and copies < 2:
+    if (diversity > 0 or diversity_layer is not None) and copies < 2:
         raise InputError("diversity pushes apart the copies of one objective: set copies to 2 or more")
     bound = [bound for objective in wanted for bound in [objective.bind(model)] * copies]
     per_pass = images_per_pass or auto_images_per_pass(model)
