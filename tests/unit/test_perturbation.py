@@ -148,6 +148,7 @@ def test_lime_on_your_own_regions(quadrant, tmp_path):
     from cnnscope.methods import LIME
 
     big = quadrant_labels(scale=2)  # at twice the input size: resized by nearest neighbour
+    given = big.copy()
     Image.fromarray(big.astype(np.uint8)).save(tmp_path / "regions.png")
     images = torch.cat([evidence_image(1), evidence_image(2)])
     common = dict(samples=200, fill="zero", quiet=True)
@@ -159,6 +160,7 @@ def test_lime_on_your_own_regions(quadrant, tmp_path):
         for q in range(4):
             inside = explanation.raw[0, 0][quadrant_masks(32, 32)[q, 0].bool()]
             assert torch.all(inside == inside[0])
+    assert np.array_equal(big, given)  # the user's mask is read, never changed
     with pytest.raises(MethodError, match="single region"):
         LIME(quadrant, feature_mask=np.zeros((32, 32), dtype=int), **common)(images[:1], 1)
     with pytest.raises(MethodError, match="2 masks for 1 images"):
