@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -68,6 +69,11 @@ def test_method_options_and_multilabel(client):
     ).json()
     assert body["method"] == "integrated-gradients" and body["stats"]["forwards"] >= 2
     assert 0 < body["maps"][0]["probability"] < 1
+    # a region mask comes as JSON labels: left and right halves of the model input
+    halves = [[0] * 112 + [1] * 112 for _ in range(224)]
+    options = json.dumps({"feature_mask": halves, "samples": 20})
+    body = client.post("/api/explain", data={"sample": "chelsea", "method": "lime", "options": options}).json()
+    assert sorted(body["stats"]["top_positive"][0][0]) == [0, 1]
 
 
 @pytest.mark.parametrize(
@@ -80,6 +86,10 @@ def test_method_options_and_multilabel(client):
         ({"sample": "chelsea", "options": "[1, 2]"}, "options must be a JSON object"),
         ({"sample": "chelsea", "options": '{"stepz": 3}', "method": "ig"}, "did you mean 'steps'"),
         ({"sample": "chelsea", "colormap": "rainbow"}, "unknown colormap"),
+        (
+            {"sample": "chelsea", "method": "lime", "options": '{"feature_mask": "/etc/hostname"}'},
+            "not the name of a file on the server",
+        ),
         ({}, "no image"),
     ],
 )

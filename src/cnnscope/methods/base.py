@@ -106,6 +106,9 @@ class Method:
     name: ClassVar[str] = "method"
     #: Option names and defaults; the CLI and the web page read them.
     options: ClassVar[dict[str, object]] = {}
+    #: Options that may name a file to read; the web app refuses file names for them (a browser must not
+    #: make the server read its own files) and takes their values as JSON.
+    file_options: ClassVar[tuple[str, ...]] = ()
     #: Whether the method explains a layer (and accepts ``layer=``).
     uses_layer: ClassVar[bool] = False
     #: Whether negative values in the maps carry meaning.

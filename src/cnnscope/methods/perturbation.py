@@ -393,6 +393,7 @@ class LIME(PerturbationMethod):
         "sampling": "paired",
         "feature_mask": None,
     }
+    file_options: ClassVar[tuple[str, ...]] = ("feature_mask",)
 
     def is_signed(self) -> bool:
         return True

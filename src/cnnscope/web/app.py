@@ -149,6 +149,7 @@ def create_app(
                 "summary": cls.summary,
                 "uses_layer": cls.uses_layer,
                 "options": {k: _json_safe(v) for k, v in cls.options.items()},
+                "file_options": list(cls.file_options),
             }
             for name, cls in METHODS.items()
         ]
@@ -248,6 +249,11 @@ def create_app(
             raise InputError('options must be a JSON object such as {"steps": 16}')
         parsed.pop("quiet", None)
         check_options([method], parsed)
+        for key in cls.file_options:
+            if isinstance(parsed.get(key), str):
+                raise InputError(
+                    f"{key} over the web takes a JSON array of labels, not the name of a file on the server"
+                )
         if colormap is not None and colormap not in SEQUENTIAL + DIVERGING:
             raise InputError(f"unknown colormap {colormap!r}; choose one of {', '.join(SEQUENTIAL + DIVERGING)}")
         picture, name = await read_image(image, sample)

@@ -41,7 +41,7 @@ function renderOptions() {
   box.innerHTML = "";
   if (!method) return;
   for (const [key, value] of Object.entries(method.options)) {
-    if (key === "quiet") continue;
+    if (key === "quiet" || method.file_options.includes(key)) continue;
     const label = document.createElement("label");
     const input = document.createElement("input");
     input.dataset.method = name; input.dataset.option = key;
