@@ -32,6 +32,7 @@ from ..errors import InputError, MethodError
 from ..hooks import LayerRef, capture, forward_until
 from ..methods.base import auto_images_per_pass
 from ..models import Model, load_model
+from ..models.folding import fold_batchnorm
 from ..models.model import Prediction
 from ..progress import Progress
 from ..render.figure import FigureResult
@@ -197,6 +198,7 @@ def maximize(
     diversity: float = 0.0,
     diversity_layer: LayerSpec | None = None,
     snapshots: Sequence[int] = (),
+    fold_bn: bool = True,
     images_per_pass: int | None = None,
     quiet: bool = False,
     max_seconds: float | None = None,
@@ -213,7 +215,9 @@ def maximize(
             ``Transforms.none()`` for plain gradient ascent).
         tv, l2: weights of the total-variation and L2 penalties on the image.
         seed: every random draw (initial image, transforms) comes from a generator seeded with it;
-            the same seed gives the same images bit for bit on CPU.
+            the same seed gives the same images bit for bit on CPU at the same thread count (rounding
+            differences, e.g. from another thread count, move Adam's path: its first steps follow the
+            gradient's sign).
         copies: images per objective, each from its own random start (rows ``k*copies ...`` of the
             result belong to objective k).
         diversity: weight of the penalty on the similarity of the copies of one objective (lucent's
@@ -224,6 +228,10 @@ def maximize(
             copies' mean similarity at it before and after (``similarity_start``, ``similarity_final``).
         snapshots: steps after which to keep the images too (lucent's ``thresholds``), to see how
             they form: ``result.snapshots[step]``.
+        fold_bn: run on a copy of the model with its BatchNorms folded into the convolutions before
+            them (:func:`cnnscope.models.folding.fold_batchnorm`: the same function, checked on a
+            probe input, 1.15-1.6x faster per step on the default model); ``stats["batchnorm_folded"]``
+            says how many were. The model itself is not changed either way.
         max_seconds: stop early and return the images so far (``stats["stopped_early"]``).
     """
     model = load_model(model)
@@ -253,18 +261,27 @@ def maximize(
         raise InputError(f"the diversity weight must be zero or positive, got {diversity}")
     if (diversity > 0 or diversity_layer is not None) and copies < 2:
         raise InputError("diversity pushes apart the copies of one objective: set copies to 2 or more")
-    bound = [bound for objective in wanted for bound in [objective.bind(model)] * copies]
     per_pass = images_per_pass or auto_images_per_pass(model)
     if per_pass < 1:
         raise InputError(f"images_per_pass must be at least 1, got {per_pass}")
-    diversity_ref = None  # with copies, the similarities are reported (and penalized with diversity > 0)
-    if copies > 1:
-        if diversity_layer is not None:
-            diversity_ref = model.layer(diversity_layer)
-        else:
-            read = [ref for objective in bound for ref in objective.layers]
-            diversity_ref = read[0] if read else middle_layer(model)
-    scorer = _Scorer(model, bound, per_pass, copies, diversity, diversity_ref)
+
+    diversity_key = model.layer(diversity_layer).key if diversity_layer is not None else None
+
+    def scorer_for(target: Model) -> _Scorer:
+        """The objectives bound to ``model`` or to its folded working copy (the same layers, by name)."""
+        layer_of = None if target is model else (lambda spec: target.layer(model.layer(spec).key))
+        bound = [bound for objective in wanted for bound in [objective.bind(target, layer_of)] * copies]
+        diversity_ref = None  # with copies, the similarities are reported (and penalized with diversity > 0)
+        if copies > 1:
+            if diversity_key is not None:
+                diversity_ref = target.layer(diversity_key)
+            else:
+                read = [ref for objective in bound for ref in objective.layers]
+                diversity_ref = read[0] if read else middle_layer(target)
+        return _Scorer(target, bound, per_pass, copies, diversity, diversity_ref)
+
+    scorer = scorer_for(model)  # bound against the user's model first: its errors name their layers
+    bound = scorer.bound
     generator = torch.Generator().manual_seed(int(seed))
     image_param = make_param(param, len(bound), size, generator, decorrelate=decorrelate, device=model.device)
     optimizer = torch.optim.Adam(image_param.parameters(), lr=lr)
@@ -275,10 +292,14 @@ def maximize(
     stopped_early = False
     try:
         with preserved(model.module, freeze=True), torch.inference_mode(False), torch.enable_grad():
+            folded = 0
+            if fold_bn:
+                working, folded = fold_batchnorm(model, scorer.refs)
+                scorer = scorer_for(working) if folded else scorer
             with torch.no_grad():
                 start_values, _, start_similarity = scorer.evaluate(image_param.image())
             optimize_started = time.perf_counter()
-            with capture(model.module, scorer.refs, stop=not scorer.needs_logits) as record:
+            with capture(scorer.model.module, scorer.refs, stop=not scorer.needs_logits) as record:
                 for _ in range(steps):
                     if progress.should_stop():
                         stopped_early = True
@@ -328,7 +349,7 @@ def maximize(
             "decorrelate": decorrelate,
             "copies": copies,
             "diversity": diversity,
-            "diversity_layer": diversity_ref.key if diversity_ref is not None else None,
+            "diversity_layer": scorer.diversity_ref.key if scorer.diversity_ref is not None else None,
         },
         stats={
             "seconds": time.perf_counter() - started,
@@ -336,6 +357,7 @@ def maximize(
             "iterations_per_second": done / optimize_seconds if optimize_seconds > 0 and done else 0.0,
             "images_per_pass": scorer.per_pass,
             "stopped_early": stopped_early,
+            "batchnorm_folded": folded,
             **_similarity_stats(start_similarity, final_similarity),
         },
         snapshots=kept,

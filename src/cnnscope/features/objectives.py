@@ -44,9 +44,11 @@ class Objective:
     uses_logits: bool
     build: Build
 
-    def bind(self, model) -> BoundObjective:
-        """Resolve layer names and class names against ``model`` (errors name what is wrong)."""
-        refs = {_spec_key(spec): model.layer(spec) for spec in self.layers}
+    def bind(self, model, layer_of: Callable[[LayerSpec], LayerRef] | None = None) -> BoundObjective:
+        """Resolve layer names and class names against ``model`` (errors name what is wrong).
+        ``layer_of`` looks the layers up instead of ``model.layer`` (for a working copy of the model)."""
+        lookup = layer_of or model.layer
+        refs = {_spec_key(spec): lookup(spec) for spec in self.layers}
         return BoundObjective(self.name, tuple(dict.fromkeys(refs.values())), self.uses_logits, self.build(model, refs))
 
     def __add__(self, other: Objective) -> Objective:
