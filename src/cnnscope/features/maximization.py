@@ -230,7 +230,7 @@ def maximize(
             they form: ``result.snapshots[step]``.
         fold_bn: run on a copy of the model with its BatchNorms folded into the convolutions before
             them (:func:`cnnscope.models.folding.fold_batchnorm`: the same function, checked on a
-            probe input, 1.15-1.6x faster per step on the default model); ``stats["batchnorm_folded"]``
+            probe input, 1.15-1.4x faster per step on the default model); ``stats["batchnorm_folded"]``
             says how many were. The model itself is not changed either way.
         max_seconds: stop early and return the images so far (``stats["stopped_early"]``).
     """
