@@ -71,7 +71,7 @@ def test_maximize_copies_with_diversity(capsys, tmp_path):
     assert code == 0, err
     summary = json.loads(out)
     assert [entry["objective"] for entry in summary["objectives"]] == ["channel:_blocks.10:3"] * 2
-    assert summary["similarity_final"] < summary["similarity_start"]
+    assert summary["similarity_final"] < summary["similarity_start"] and summary["batchnorm_folded"] == 49
     assert [file.rsplit("/", 1)[-1] for file in summary["files"][:2]] == ["maximize.png", "maximize_step4.png"]
     assert len(summary["files"]) == 4
     code, out, err = run(capsys, "maximize", "--class", "1", "--copies", "2", "--steps", "2", "--size", "32",
@@ -82,11 +82,12 @@ def test_maximize_copies_with_diversity(capsys, tmp_path):
 def test_dream_plate(capsys, cat_file, tmp_path):  # noqa: F811
     code, out, err = run(
         capsys, "dream", str(cat_file), "--layer", "_blocks.5", "--channels", "0-3", "--octaves", "2",
-        "--iterations", "2", "-o", str(tmp_path), "--json", "-q",
+        "--iterations", "2", "--no-fold-bn", "-o", str(tmp_path), "--json", "-q",
     )  # fmt: skip
     assert code == 0, err
     summary = json.loads(out)
     assert [entry["channels"] for entry in summary["images"]] == [[0], [1], [2], [3]]
+    assert summary["batchnorm_folded"] == 0  # --no-fold-bn: the model as it is
     assert all(entry["after"] > entry["before"] for entry in summary["images"])
 
 

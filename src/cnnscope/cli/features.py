@@ -27,6 +27,9 @@ from .app import (
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed; the same seed repeats the run exactly")]
+NoFoldOpt = Annotated[
+    bool, typer.Option("--no-fold-bn", help="run the model as it is (default: a copy with BatchNorms folded)")
+]
 
 
 @app.command()
@@ -134,6 +137,7 @@ def maximize(
     snapshot: Annotated[
         list[int] | None, typer.Option("--snapshot", help="also save the plate after this step; repeatable")
     ] = None,
+    no_fold_bn: NoFoldOpt = False,
     seed: SeedOpt = 0,
     out: OutOpt = Path("cnnscope-out"),
     model: ModelOpt = DEFAULT_MODEL,
@@ -183,6 +187,7 @@ def maximize(
         diversity=diversity,
         diversity_layer=diversity_layer,
         snapshots=snapshot or (),
+        fold_bn=not no_fold_bn,
         quiet=quiet,
     )
     plate = _write_file(out / "maximize.png", figure_png(result.figure()))
@@ -206,6 +211,7 @@ def maximize(
         "seconds": round(result.stats["seconds"], 3),
         "iterations_per_second": round(result.stats["iterations_per_second"], 3),
         "stopped_early": result.stats["stopped_early"],
+        "batchnorm_folded": result.stats["batchnorm_folded"],
         **{key: round(result.stats[key], 4) for key in ("similarity_start", "similarity_final") if key in result.stats},
         "files": files,
     }
@@ -238,6 +244,7 @@ def dream(
     octave_scale: Annotated[float, typer.Option("--octave-scale", min=1.01)] = 1.4,
     iterations: Annotated[int, typer.Option("--iterations", min=0, help="steps per octave")] = 10,
     step: Annotated[float, typer.Option("--step", min=0.0)] = 0.01,
+    no_fold_bn: NoFoldOpt = False,
     seed: SeedOpt = 0,
     out: OutOpt = Path("cnnscope-out"),
     model: ModelOpt = DEFAULT_MODEL,
@@ -264,12 +271,14 @@ def dream(
         iterations=iterations,
         step=step,
         seed=seed,
+        fold_bn=not no_fold_bn,
         quiet=quiet,
     )
     path = _write_file(out / f"{image.stem}_dream_{safe_filename(result.layer)}.png", figure_png(result.figure()))
     summary = {
         "image": image.stem,
         "layer": result.layer,
+        "batchnorm_folded": result.stats["batchnorm_folded"],
         "images": [
             {"channels": chs, "before": round(b, 6), "after": round(a, 6)}
             for chs, b, a in zip(result.channels, result.before, result.after, strict=True)
