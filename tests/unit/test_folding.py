@@ -74,6 +74,8 @@ def test_folds_that_would_change_the_function_are_refused():
     assert fold_batchnorm(training) == (training, 0)  # train-mode statistics come from each batch
     batch_stats = Model(SkipAroundNorm(running_stats=False).eval(), preprocess=PLAIN)
     assert fold_batchnorm(batch_stats) == (batch_stats, 0)
+    doubles = Model(SkipAroundNorm().double().eval(), preprocess=PLAIN)  # the float32 probe fails: no folding
+    assert fold_batchnorm(doubles) == (doubles, 0)
 
 
 def test_input_gradients_through_the_copy_are_the_models(default_model):

@@ -40,7 +40,10 @@ def fold_batchnorm(model: Model, keep: Iterable[LayerRef] = ()) -> tuple[Model, 
     kept = {ref.name for ref in keep}
     probe = torch.rand(1, 3, *model.preprocess.size, generator=torch.Generator().manual_seed(0))
     probe = model.preprocess.normalize(probe).to(model.device)
-    pairs, expected, logits = _foldable_pairs(module, probe, kept)
+    try:
+        pairs, expected, logits = _foldable_pairs(module, probe, kept)
+    except Exception:  # a model that cannot run this probe (another dtype, a fixed input): run it as it is
+        return model, 0
     if not pairs:
         return model, 0
     try:
@@ -128,6 +131,8 @@ def _same_outputs(folded: nn.Module, probe, norms: list[str], expected: dict, lo
     try:
         with torch.no_grad():
             out = folded(probe)
+    except Exception:
+        return False
     finally:
         for handle in handles:
             handle.remove()
