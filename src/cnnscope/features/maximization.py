@@ -240,12 +240,7 @@ def maximize(
     wanted = [as_objective(objective) for objective in objectives]
     if not wanted:
         raise InputError("give at least one objective, e.g. a class name or 'channel:LAYER:INDEX'")
-    if steps < 0:
-        raise InputError(f"steps must be zero or positive, got {steps}")
-    if lr <= 0:
-        raise InputError(f"lr must be positive, got {lr}")
-    if tv < 0 or l2 < 0:
-        raise InputError("the tv and l2 weights must be zero or positive")
+    _check_options(steps, lr, tv, l2, copies, diversity, diversity_layer)
     keep = sorted({int(step) for step in snapshots})
     if keep and not 1 <= keep[0] <= keep[-1] <= steps:
         raise InputError(f"snapshot steps must lie between 1 and steps ({steps}); got {keep}")
@@ -255,12 +250,6 @@ def maximize(
     transforms = Transforms() if transforms is None else transforms
     if not isinstance(transforms, Transforms):
         raise InputError("transforms must be a cnnscope.features.Transforms")
-    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-        raise InputError(f"copies must be a whole number >= 1, got {copies!r}")
-    if diversity < 0:
-        raise InputError(f"the diversity weight must be zero or positive, got {diversity}")
-    if (diversity > 0 or diversity_layer is not None) and copies < 2:
-        raise InputError("diversity pushes apart the copies of one objective: set copies to 2 or more")
     per_pass = images_per_pass or auto_images_per_pass(model)
     if per_pass < 1:
         raise InputError(f"images_per_pass must be at least 1, got {per_pass}")
@@ -362,6 +351,21 @@ def maximize(
         },
         snapshots=kept,
     )
+
+
+def _check_options(steps, lr, tv, l2, copies, diversity, diversity_layer) -> None:
+    if steps < 0:
+        raise InputError(f"steps must be zero or positive, got {steps}")
+    if lr <= 0:
+        raise InputError(f"lr must be positive, got {lr}")
+    if tv < 0 or l2 < 0:
+        raise InputError("the tv and l2 weights must be zero or positive")
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise InputError(f"copies must be a whole number >= 1, got {copies!r}")
+    if diversity < 0:
+        raise InputError(f"the diversity weight must be zero or positive, got {diversity}")
+    if (diversity > 0 or diversity_layer is not None) and copies < 2:
+        raise InputError("diversity pushes apart the copies of one objective: set copies to 2 or more")
 
 
 def _similarity_stats(start: torch.Tensor | None, final: torch.Tensor | None) -> dict:
