@@ -78,6 +78,24 @@ def test_folds_that_would_change_the_function_are_refused():
     assert fold_batchnorm(doubles) == (doubles, 0)
 
 
+def stage(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def test_batchnorms_inside_sequentials_fold_too():
+    torch.manual_seed(0)
+    net = nn.Sequential(stage(3, 8), stage(8, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    for norm in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        with torch.no_grad():
+            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.weight.uniform_(0.5, 2)
+    model = Model(net, preprocess=PLAIN)
+    working, folded = fold_batchnorm(model)
+    assert folded == 2 and isinstance(working.module[0][1], nn.Identity) and isinstance(net[0][1], nn.BatchNorm2d)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(working.module(x), net(x), rtol=1e-4, atol=1e-5)
+
+
 def test_input_gradients_through_the_copy_are_the_models(default_model):
     working, _ = fold_batchnorm(default_model)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
