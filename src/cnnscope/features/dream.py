@@ -200,7 +200,7 @@ def deep_dream(
                 after.extend(objective_values(dreamed, rows, record).tolist())
             results.append(dreamed.detach())
 
-    working, folded = model, 0
+    working, folded = model, 0  # the model the helpers above run: the folded copy once it is made
     try:
         with preserved(model.module, freeze=True), torch.inference_mode(False), torch.enable_grad():
             if fold_bn:
