@@ -61,3 +61,9 @@ def layer_adapter(shape: tuple[int, ...], input_size: tuple[int, int]):
         if grid is not None:
             return (lambda t: to_grid(t, grid)), "tokens"
     return None
+
+
+def channel_axis(layout: str, ndim: int) -> int:
+    """The axis that holds the channels in a layer output of ``layout`` (as ``layer_adapter`` names it):
+    1 for channels-first maps, the last axis for channels-last maps and tokens."""
+    return 1 if layout == "channels-first" else ndim - 1

@@ -20,7 +20,7 @@ from ..errors import MethodError
 from ..hooks import capture
 from ..models.labels import short_name
 from ..targets import NO_TARGET
-from ..tokens import layer_adapter
+from ..tokens import channel_axis, layer_adapter
 from .base import MAX_NOTES, Computed, Method, auto_images_per_pass, register_method
 
 #: Memory for one chunk of per-target gradients; more targets than fit are done in several chunks.
@@ -212,7 +212,8 @@ class CAMBase(Method):
 def find_linear_head(model, layer) -> tuple[nn.Linear | None, str]:
     """The last ``nn.Linear`` that runs, if it reads ``layer``'s channels; else None and why not."""
     adapter = layer_adapter(layer.output_shape, model.preprocess.size)
-    channels = layer.output_shape[-1 if adapter is not None and adapter[1] != "channels-first" else 1]
+    layout = adapter[1] if adapter is not None else "channels-first"
+    channels = layer.output_shape[channel_axis(layout, len(layer.output_shape))]
     named = dict(model.module.named_modules())
     linears = [row for row in model.calls() if isinstance(named.get(row.name), nn.Linear)]
     if not linears:
@@ -563,7 +564,7 @@ class AblationCAM(CAMBase):
     def _ablated_drops(self, raw, original, safe, images):
         """(B, K, C) score drops, each channel zeroed in the layer's own layout ``raw``."""
         per_pass = int(self.config["ablations_per_pass"])
-        channel_dim = 1 if self.layout == "channels-first" else raw.ndim - 1
+        channel_dim = channel_axis(self.layout, raw.ndim)
         first = raw.movedim(channel_dim, 1)  # (B, C, ...)
         batch, channels = first.shape[:2]
         drops = torch.zeros((batch, safe.shape[1], channels), device=raw.device)
