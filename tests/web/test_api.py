@@ -29,12 +29,49 @@ def png(array: np.ndarray) -> bytes:
 def test_lists_come_from_the_registries(client):
     methods = {m["name"]: m for m in client.get("/api/methods").json()}
     assert {"gradcam", "scorecam", "occlusion", "lime"} <= set(methods)
-    assert methods["integrated-gradients"]["options"]["steps"] == 50
+    steps = methods["integrated-gradients"]["options"]["steps"]
+    assert steps["default"] == 50 and steps["type"] == "int" and steps["high"] == 4096 and steps["help"]
+    assert methods["lime"]["file_options"] == ["feature_mask"] and not methods["lime"]["options"]["feature_mask"]["web"]
     models = client.get("/api/models").json()
     assert models["default"] == "efficientnet_lite0" and "chelsea" in models["samples"]
     labels = client.get("/api/labels").json()["labels"]
     assert labels[285] == "Egyptian cat" and len(labels) == 1000
     assert client.get("/api/samples/coffee").headers["content-type"] == "image/png"
+
+
+def test_options_are_checked_strictly_with_a_400_naming_the_range(client):
+    cases = [
+        ({"steps": "abc"}, "integrated-gradients", "option steps of integrated-gradients takes a whole number >= 1"),
+        ({"steps_per_pass": -1}, "integrated-gradients", "integrated-gradients has no option 'steps_per_pass'"),
+        ({"inputs_per_pass": -1}, "integrated-gradients", "option inputs_per_pass of integrated-gradients"),
+        ({"counterfactual": "false"}, "gradcam", None),
+        ({"relu": "no"}, "gradcam", "option relu of gradcam takes true or false; got 'no'"),
+        ({"segments": -1}, "lime", "option segments of lime"),
+        ({"samples": 0}, "lime", "option samples of lime takes a whole number >= 2"),
+        ({"segmentation_options": {"bogus": 1}, "samples": 4}, "lime", "segmentation_options for slic"),
+        ({"masks": 10_000_000}, "rise", "option masks of rise takes a whole number >= 1 and <= 100000"),
+    ]
+    for options, method, message in cases:
+        response = client.post(
+            "/api/explain", data={"sample": "chelsea", "method": method, "options": json.dumps(options)}
+        )
+        if message is None:
+            assert response.status_code == 200, response.json()
+        else:
+            assert response.status_code == 400, (options, response.json())
+            assert message in response.json()["error"], response.json()
+
+
+def test_work_and_targets_are_bounded(client):
+    too_much = client.post(
+        "/api/explain", data={"sample": "chelsea", "method": "rise", "options": json.dumps({"masks": 50_000})}
+    )
+    assert too_much.status_code == 400 and "the server's limit is 20,000 (--max-work)" in too_much.json()["error"]
+    many = ",".join(str(i) for i in range(6000))
+    response = client.post("/api/explain", data={"sample": "chelsea", "target": many})
+    assert response.status_code == 400 and "6000 targets in one request; the limit is 50" in response.json()["error"]
+    response = client.post("/api/explain", data={"sample": "chelsea", "target": "top100"})
+    assert response.status_code == 400
 
 
 def test_predict_a_sample_and_an_upload(client):

@@ -28,10 +28,44 @@ function methodOptions(name) {
     const key = input.dataset.option;
     if (input.type === "checkbox") values[key] = input.checked;
     else if (input.value === "") return;
-    else if (input.dataset.kind === "number") values[key] = Number(input.value);
-    else values[key] = input.value;
+    else if (input.dataset.kind === "int" || input.dataset.kind === "float") values[key] = Number(input.value);
+    else if (input.dataset.kind === "object") {
+      try { values[key] = JSON.parse(input.value); } catch (e) { values[key] = input.value; }
+    } else values[key] = input.value;
   });
   return values;
+}
+
+// The form follows each option's declaration (GET /api/methods): a checkbox for true/false, a number
+// field with the declared range, a list for a choice, JSON text for anything else.
+function optionInput(spec) {
+  let input;
+  if (spec.type === "bool") {
+    input = document.createElement("input");
+    input.type = "checkbox"; input.checked = spec.default === true;
+  } else if (spec.type === "choice") {
+    input = document.createElement("select");
+    const choices = spec.optional ? ["", ...spec.choices] : spec.choices;
+    for (const choice of choices) {
+      const option = document.createElement("option");
+      option.value = choice; option.textContent = choice === "" ? "(automatic)" : choice;
+      input.append(option);
+    }
+    input.value = spec.default === null ? "" : spec.default;
+  } else if (spec.type === "int" || spec.type === "float") {
+    input = document.createElement("input");
+    input.type = "number"; input.step = spec.type === "int" ? "1" : "any";
+    if (spec.low !== undefined) input.min = spec.low;
+    if (spec.high !== undefined) input.max = spec.high;
+    input.value = spec.default === null ? "" : spec.default;
+    if (spec.default === null) input.placeholder = "auto";
+  } else {
+    input = document.createElement("input");
+    input.type = "text"; input.value = spec.default === null ? "" : JSON.stringify(spec.default);
+  }
+  input.dataset.kind = spec.type;
+  input.title = `${spec.help} (${spec.range})`;
+  return input;
 }
 
 function renderOptions() {
@@ -40,14 +74,12 @@ function renderOptions() {
   const box = $("options");
   box.innerHTML = "";
   if (!method) return;
-  for (const [key, value] of Object.entries(method.options)) {
-    if (key === "quiet" || method.file_options.includes(key)) continue;
+  for (const [key, spec] of Object.entries(method.options)) {
+    if (key === "quiet" || !spec.web) continue;
     const label = document.createElement("label");
-    const input = document.createElement("input");
+    const input = optionInput(spec);
     input.dataset.method = name; input.dataset.option = key;
-    if (typeof value === "boolean") { input.type = "checkbox"; input.checked = value; }
-    else if (typeof value === "number") { input.type = "number"; input.step = "any"; input.value = value; input.dataset.kind = "number"; }
-    else { input.type = "text"; input.value = value === null ? "" : value; }
+    label.title = input.title;
     label.append(`${key} `, input);
     box.append(label);
   }
