@@ -11,7 +11,7 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from .errors import CnnscopeError
+from .errors import CnnscopeError, MethodError
 
 T = TypeVar("T")
 
@@ -47,6 +47,14 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (and the aliases that point to it); returns what it named."""
+        key = name.lower()
+        if key not in self._items:
+            raise self._error(f"unknown {self.kind} {name!r}")
+        self._aliases = {alias: target for alias, target in self._aliases.items() if target != key}
+        return self._items.pop(key)
+
     def alias(self, alias: str, name: str) -> None:
         """Let ``alias`` stand for the registered ``name`` (not listed by :meth:`names`)."""
         if alias.lower() in self._items or alias.lower() in self._aliases:
@@ -78,7 +86,7 @@ class Registry(Generic[T]):
 
 # The registries themselves. Entries are added by the modules that define them
 # (cnnscope.methods, cnnscope.models.zoo, cnnscope.render.colormaps) on import.
-METHODS: Registry = Registry("method", list_hint="`cnnscope methods` lists them")
+METHODS: Registry = Registry("method", error=MethodError, list_hint="`cnnscope methods` lists them")
 MODELS: Registry = Registry("model", list_hint="`cnnscope models` lists them")
 COLORMAPS: Registry = Registry("colormap")
 OBJECTIVES: Registry = Registry("objective kind", list_hint="e.g. class:goldfish, channel:LAYER:INDEX")

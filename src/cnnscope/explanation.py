@@ -85,6 +85,25 @@ class Explanation:
                 if int(self.targets[i, k]) >= 0:
                     yield i, k
 
+    def record(self, i: int, k: int) -> dict:
+        """One map as JSON-able facts: method, class index, name and label, probability, layer and peak
+        (x, y) in original-image pixels. The CLI's ``--json``, reports and the web API all use it."""
+        index = int(self.targets[i, k])
+        return {
+            "method": self.method,
+            "class_index": index,
+            "class_name": short_name(self.labels[index]),
+            "label": self.labels[index],
+            "probability": round(self.probability(i, k), 6),
+            "layer": self.layer,
+            "peak": list(self.peak(i, k)),
+        }
+
+    def records(self) -> Iterator[tuple[int, int, dict]]:
+        """(image, target slot, :meth:`record`) for every map that holds a target."""
+        for i, k in self.items():
+            yield i, k, self.record(i, k)
+
     def target_label(self, i: int, k: int) -> str:
         index = int(self.targets[i, k])
         return self.labels[index] if index >= 0 else ""

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import ModelError
+from .tokens import Layout
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class LayerRef:
     call: int = 0
     calls: int = 1
     output_shape: tuple[int, ...] = ()
+    #: how the output holds its channels (set by ``Model.layer``, which knows the input size); None for
+    #: outputs that are not maps
+    layout: Layout | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:

@@ -14,29 +14,31 @@ from ._registry import METHODS
 from .explanation import Explanation, overlay_filename
 from .models import Model
 from .models.labels import short_name
+from .options import split_options
 from .render.overlay import save_png
 from .render.report import ReportRow, write_report
 
 
-def check_options(methods: Sequence[str], options: dict) -> None:
-    """Every option must belong to at least one of the methods (a typo must not be silently ignored)."""
-    from ._registry import did_you_mean
-    from .errors import MethodError
+def method_options(methods: Sequence[str], options: dict, quiet: bool = False) -> list[dict]:
+    """Per method, the options it declares (each checked later by the method's own declaration), with
+    ``quiet`` added where the method has a progress line. An option that none of the methods declares
+    is an error (a typo must not be silently ignored)."""
+    tables = [(method, METHODS.get(method).options) for method in methods]
+    chosen = split_options(tables, options)
+    if quiet:
+        for (_, table), accepted in zip(tables, chosen, strict=True):
+            if "quiet" in table:
+                accepted["quiet"] = True
+    return chosen
 
-    known = {key for method in methods for key in METHODS.get(method).options}
-    for key in options:
-        if key not in known:
-            hint = did_you_mean(key, sorted(known))
-            listed = ", ".join(sorted(known)) or "none"
-            raise MethodError(f"option {key!r} belongs to none of {', '.join(methods)}{hint} (their options: {listed})")
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`explain_images`: what finished is on disk, and ``summary`` (with
+    ``"complete": False``) says so."""
 
-def options_for(cls, options: dict, quiet: bool) -> dict:
-    """The options a method accepts, with ``quiet`` added where the method has a progress line."""
-    accepted = {k: v for k, v in options.items() if k in cls.options}
-    if quiet and "quiet" in cls.options:
-        accepted["quiet"] = True
-    return accepted
+    def __init__(self, summary: dict) -> None:
+        super().__init__("interrupted")
+        self.summary = summary
 
 
 def unique_names(names: Sequence[str]) -> list[str]:
@@ -73,12 +75,9 @@ def explain_images(
     probability, the layer, the overlay file and the map's peak (x, y) in original-image pixels.
     """
     names = unique_names(names)
-    options = options or {}
-    check_options(methods, options)
     explainers = []
-    for method in methods:
+    for method, accepted in zip(methods, method_options(methods, options or {}, quiet), strict=True):
         cls = METHODS.get(method)
-        accepted = options_for(cls, options, quiet)
         kwargs = {"layer": layer} if layer is not None and cls.uses_layer else {}
         explainers.append(cls(model, **kwargs, **accepted))
     out = Path(out_dir) if out_dir is not None else None
@@ -88,46 +87,49 @@ def explain_images(
     ]
     notes: list[str] = []
     rows_overlays: list[list[tuple[str, np.ndarray]]] = [[] for _ in images]
-    for start in range(0, len(images), batch_size):
-        chunk = list(images[start : start + batch_size])
-        for explainer in explainers:
-            explanation: Explanation = explainer(chunk, target, names=names[start : start + batch_size])
-            for local, k in explanation.items():
-                index = start + local
-                picture = explanation.overlay(local, k, alpha=alpha, colormap=colormap)
-                class_index = int(explanation.targets[local, k])
-                entry = {
-                    "method": explanation.method,
-                    "class_index": class_index,
-                    "class_name": short_name(explanation.labels[class_index]),
-                    "label": explanation.labels[class_index],
-                    "probability": round(explanation.probability(local, k), 6),
-                    "layer": explanation.layer,
-                    "peak": list(explanation.peak(local, k)),
-                    "file": None,
-                }
-                if out is not None:
-                    out.mkdir(parents=True, exist_ok=True)
-                    path = out / overlay_filename(names[index], explanation.method, class_index, explanation.labels)
-                    save_png(picture, str(path))
-                    entry["file"] = str(path)
-                results[index]["explanations"].append(entry)
-                rows_overlays[index].append((explanation.caption(local, k), picture))
-            for local, predictions in enumerate(explanation.top):
-                results[start + local]["top5"] = [
-                    {"class_index": p.index, "class_name": p.name, "probability": round(p.probability, 6)}
-                    for p in predictions
-                ]
-            notes.extend(explanation.notes)
-        if progress is not None:
-            progress(len(chunk))
+    finished = 0
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start : start + batch_size])
+            for explainer in explainers:
+                explanation: Explanation = explainer(chunk, target, names=names[start : start + batch_size])
+                for local, k, entry in explanation.records():
+                    index = start + local
+                    picture = explanation.overlay(local, k, alpha=alpha, colormap=colormap)
+                    class_index = entry["class_index"]
+                    entry["file"] = None
+                    if out is not None:
+                        out.mkdir(parents=True, exist_ok=True)
+                        path = out / overlay_filename(names[index], explanation.method, class_index, explanation.labels)
+                        save_png(picture, str(path))
+                        entry["file"] = str(path)
+                    results[index]["explanations"].append(entry)
+                    rows_overlays[index].append((explanation.caption(local, k), picture))
+                for local, predictions in enumerate(explanation.top):
+                    results[start + local]["top5"] = [
+                        {"class_index": p.index, "class_name": p.name, "probability": round(p.probability, 6)}
+                        for p in predictions
+                    ]
+                notes.extend(explanation.notes)
+            if progress is not None:
+                progress(len(chunk))
+            finished = min(len(images), start + batch_size)
+    except KeyboardInterrupt:
+        complete = False
+    else:
+        complete = True
     summary = {
         "model": model.name,
         "methods": list(methods),
         "images": results,
         "notes": notes,
         "report": None,
+        "complete": complete,
     }
+    if not complete:
+        results[:] = results[:finished]
+        images = images[:finished]
+        rows_overlays = rows_overlays[:finished]
     if out is not None and report:
         rows = [
             ReportRow(
@@ -142,33 +144,13 @@ def explain_images(
             out / "report.html",
             rows,
             title="cnnscope report",
-            meta=f"model {model.name} · methods {', '.join(methods)} · target {target}",
+            meta=f"model {model.name} · methods {', '.join(methods)} · target {target}"
+            + ("" if complete else f" · INCOMPLETE: interrupted after {finished} of {len(names)} images"),
         )
         summary["report"] = str(path)
+    if not complete:
+        raise Interrupted(summary)
     return summary
-
-
-def parse_options(pairs: Sequence[str]) -> dict:
-    """['steps=16', 'baseline=blur', 'relu=false'] -> {'steps': 16, 'baseline': 'blur', 'relu': False}."""
-    import ast
-
-    from .errors import InputError
-
-    options: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"option {pair!r} is not KEY=VALUE (for example steps=16)")
-        text = value.strip()
-        lowered = text.lower()
-        if lowered in ("true", "false", "none"):
-            options[key.strip()] = {"true": True, "false": False, "none": None}[lowered]
-            continue
-        try:
-            options[key.strip()] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            options[key.strip()] = text
-    return options
 
 
 def compare_image(
@@ -191,8 +173,7 @@ def compare_image(
     from .errors import MethodError
     from .render.grid import comparison_grid
 
-    options = options or {}
-    check_options(methods, options)
+    per_method = method_options(methods, options or {}, quiet)
     rows: list[tuple[str, list]] = []
     summary: dict = {"image": name, "model": model.name, "rows": []}
     columns: list[str] = []
@@ -203,15 +184,13 @@ def compare_image(
         cls = METHODS.get(methods[0])
         if not cls.uses_layer or not hasattr(cls, "explain_layers"):
             raise MethodError(f"{methods[0]} does not work on layers; choose a CAM method to compare layers")
-        accepted = options_for(cls, options, quiet)
         started = time.perf_counter()
-        by_layer = cls(model, **accepted).explain_layers(image, list(layers), target, names=[name])
+        by_layer = cls(model, **per_method[0]).explain_layers(image, list(layers), target, names=[name])
         seconds = time.perf_counter() - started
         explanations = [(f"{methods[0]} @ {layer}", e, seconds) for layer, e in by_layer.items()]
     else:
-        for method in methods:
+        for method, accepted in zip(methods, per_method, strict=True):
             cls = METHODS.get(method)
-            accepted = options_for(cls, options, quiet)
             started = time.perf_counter()
             explanation = cls(model, **accepted)(image, target, names=[name])
             explanations.append((explanation.method, explanation, time.perf_counter() - started))
@@ -229,15 +208,7 @@ def compare_image(
                 "seconds": round(seconds, 4),
                 "forwards": explanation.stats.get("forwards"),
                 "backwards": explanation.stats.get("backwards"),
-                "maps": [
-                    {
-                        "class_index": c,
-                        "class_name": short_name(explanation.labels[c]),
-                        "probability": round(explanation.probability(0, k), 6),
-                        "peak": list(explanation.peak(0, k)),
-                    }
-                    for k, c in enumerate(classes)
-                ],
+                "maps": [explanation.record(0, k) for k in range(len(classes))],
             }
         )
     figure = comparison_grid(first.images[0], rows, columns, title=f"{name} · {model.name}")
@@ -263,10 +234,9 @@ def faithfulness_report(
     from .evaluate import deletion_curve, insertion_curve, keep_evidence, remove_evidence
     from .render.figure import curves_figure
 
-    options = options or {}
-    check_options([method], options)
-    cls = METHODS.get(method)
-    explanation = cls(model, **options_for(cls, options, quiet))(image, target, names=[name])
+    explanation = METHODS.get(method)(model, **method_options([method], options or {}, quiet)[0])(
+        image, target, names=[name]
+    )
     batch = model.preprocess([image])
     class_index = int(explanation.targets[0, 0])
     saliency = explanation.maps[0, 0]

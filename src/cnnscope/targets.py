@@ -15,7 +15,7 @@ Where images get different numbers of targets, the rows are padded with -1 (no t
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import torch
@@ -34,8 +34,13 @@ def resolve_targets(
     *,
     multilabel: bool = False,
     threshold: float = 0.5,
+    probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(B, K) long tensor of class indices (-1 where an image has fewer targets than K)."""
+    """(B, K) long tensor of class indices (-1 where an image has fewer targets than K).
+
+    ``logits`` are the model's raw outputs for the unperturbed images; ``probabilities`` turns them
+    into the model's own probabilities (softmax, multi-label sigmoid, or the outputs themselves for a
+    model that outputs probabilities) for the ``"positive"`` threshold (default: sigmoid)."""
     batch, classes = logits.shape
     if target is None:
         target = "top1"
@@ -55,18 +60,46 @@ def resolve_targets(
                     "target 'positive' is for multi-label models; this model is single-label "
                     "(load it with multilabel=True, or use 'top1')"
                 )
-            passed = torch.sigmoid(logits.detach()) >= threshold
+            scores = probabilities(logits.detach()) if probabilities is not None else torch.sigmoid(logits.detach())
+            passed = scores >= threshold
             rows = [torch.nonzero(passed[i]).flatten().tolist() for i in range(batch)]
             return _pad(rows, logits.device)  # all -1 where nothing passes; the caller says so
     if _is_per_image(target):
         rows = list(target)  # type: ignore[arg-type]
         if len(rows) != batch:
             raise TargetError(f"{len(rows)} per-image target lists for {batch} images; give one list per image")
-        return _pad([[_one(t, labels) for t in _as_list(row)] for row in rows], logits.device)
-    row = [_one(t, labels) for t in _as_list(target)]
+        return _pad([[_one(t, labels) for t in _expand(_as_list(row), labels)] for row in rows], logits.device)
+    row = [_one(t, labels) for t in _expand(_as_list(target), labels)]
     if not row:
         raise TargetError("the target list is empty; give at least one class, or 'top1'")
     return torch.tensor([row] * batch, dtype=torch.long, device=logits.device)
+
+
+def parse_target_text(values: str | Sequence[str] | None) -> object:
+    """Targets typed as text (the CLI's ``--target``, repeatable, and the web API's ``target`` field):
+    parts separated by ``;``; a lone ``topK`` or ``positive`` is kept as that word, anything else is a
+    list of class indices or names. A part with commas is split at them unless it is a class label
+    itself (``"tabby, tabby cat"``): :func:`resolve_targets` decides, since it knows the labels."""
+    if values is None:
+        return "top1"
+    texts = [values] if isinstance(values, str) else list(values)
+    parts = [part.strip() for text in texts for part in str(text).split(";") if part.strip()]
+    if not parts:
+        return "top1"
+    if len(parts) == 1 and (_TOP.match(parts[0]) or parts[0].lower() in ("positive", "positives")):
+        return parts[0]
+    return parts
+
+
+def _expand(items: list, labels: Sequence[str]) -> list:
+    """Split text items at commas (``"281, 285"``) unless the whole text names a class."""
+    expanded: list = []
+    for item in items:
+        if isinstance(item, str) and "," in item and " ".join(item.lower().split()) not in _name_table(tuple(labels)):
+            expanded.extend(part.strip() for part in item.split(",") if part.strip())
+        else:
+            expanded.append(item)
+    return expanded
 
 
 def slice_per_image(target: object, start: int, stop: int, total: int) -> object:

@@ -9,6 +9,7 @@ input's. No reshape function is asked of the user.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -49,21 +50,42 @@ def is_channels_last(shape: tuple[int, ...], input_size: tuple[int, int]) -> boo
     return last and not first
 
 
-def layer_adapter(shape: tuple[int, ...], input_size: tuple[int, int]):
-    """A function putting a layer's output (and its gradients, which have extra leading dims) in
-    (..., C, h, w) form, and a word for the layout; None when the output is not a map."""
+LAYOUTS = ("channels-first", "channels-last", "tokens")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a layer's output holds its channels: ``"channels-first"`` (N, C, h, w) maps, ``"channels-last"``
+    (N, h, w, C) maps (Swin, ConvNeXt blocks) or ``"tokens"`` (N, T, D) with ``grid`` = (extra leading
+    tokens, h, w). ``to_map`` puts an output (or its gradients, which have extra leading dims) in
+    (..., C, h, w) form; ``channel_axis`` says where the channels are in the layer's own layout."""
+
+    kind: str
+    grid: tuple[int, int, int] | None = None
+
+    def to_map(self, values: torch.Tensor) -> torch.Tensor:
+        if self.kind == "channels-last":
+            return values.movedim(-1, -3)
+        if self.kind == "tokens":
+            return to_grid(values, self.grid)
+        return values
+
+    def channel_axis(self, ndim: int) -> int:
+        """1 for channels-first maps, the last axis for channels-last maps and tokens."""
+        return 1 if self.kind == "channels-first" else ndim - 1
+
+    @property
+    def is_map(self) -> bool:
+        return self.kind == "channels-first"
+
+
+def layout_of(shape: tuple[int, ...], input_size: tuple[int, int]) -> Layout | None:
+    """The :class:`Layout` of a layer output of ``shape`` for a model input of ``input_size``; None when
+    the output is not a map (a vector, or tokens that fill no patch grid)."""
     if len(shape) == 4:
-        if is_channels_last(shape, input_size):
-            return (lambda t: t.movedim(-1, -3)), "channels-last"
-        return (lambda t: t), "channels-first"
+        return Layout("channels-last" if is_channels_last(shape, input_size) else "channels-first")
     if len(shape) == 3:
         grid = token_grid(shape[1], input_size)
         if grid is not None:
-            return (lambda t: to_grid(t, grid)), "tokens"
+            return Layout("tokens", grid)
     return None
-
-
-def channel_axis(layout: str, ndim: int) -> int:
-    """The axis that holds the channels in a layer output of ``layout`` (as ``layer_adapter`` names it):
-    1 for channels-first maps, the last axis for channels-last maps and tokens."""
-    return 1 if layout == "channels-first" else ndim - 1

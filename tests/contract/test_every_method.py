@@ -64,3 +64,67 @@ def test_errors_in_target_resolution_leave_nothing_behind(name, default_model, d
     with pytest.raises(cnnscope.TargetError):
         cnnscope.get_method(name)(default_model)(default_batch, "no such class at all")
     assert not before.differences(Snapshot.take(default_model.module))
+
+
+@pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")  # empty or alike maps of weak classes are notes
+@pytest.mark.parametrize("kind", ["multilabel", "probabilities"])
+@pytest.mark.parametrize("name", METHODS)
+def test_probabilities_and_targets_are_the_models_own(name, kind):
+    """Every method reports the model's own probabilities and resolves targets from the model's own
+    outputs: on a multi-label model (a sigmoid per class; 'positive' at a threshold that gives images
+    different numbers of classes) and on a model whose forward already ends in a softmax."""
+    multilabel = kind == "multilabel"
+    model = tiny_model(multilabel=multilabel, outputs="logits" if multilabel else "probabilities")
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cls = cnnscope.get_method(name)
+    if name == "cam" and not multilabel:
+        with pytest.raises(cnnscope.MethodError, match="CAM needs the logits to be a linear layer"):
+            cls(model)(images, "top2")
+        return
+    target, threshold = ("positive", 0.01) if multilabel else ("top2", 0.5)
+    check_method(cls, model, images, target=target, threshold=threshold, **light(name))
+
+
+class _Wrapped(torch.nn.Module):
+    """TinyCNN whose forward returns a tuple, a dict or a Hugging Face-style object."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        from cnnscope.testing import TinyCNN
+
+        self.net = TinyCNN().eval()
+        self.kind = kind
+
+    def forward(self, x):
+        logits = self.net(x)
+        features = torch.zeros(x.shape[0], 2)
+        if self.kind == "tuple":
+            return logits, features
+        if self.kind == "dict":
+            return {"features": features, "logits": logits}
+        return type("Output", (), {"logits": logits, "hidden": features})()
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict", "object"])
+@pytest.mark.parametrize("name", METHODS)
+def test_models_returning_tuples_dicts_or_objects(name, kind):
+    from cnnscope.testing.models import IDENTITY_PREPROCESS
+
+    model = cnnscope.load_model(_Wrapped(kind).eval(), preprocess=IDENTITY_PREPROCESS)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    check_method(cnnscope.get_method(name), model, images, target="top2", **light(name))
+    plain = tiny_model()
+    expected = cnnscope.get_method(name)(plain, **light(name))(images, "top2")
+    got = cnnscope.get_method(name)(model, **light(name))(images, "top2")
+    torch.testing.assert_close(got.raw, expected.raw, rtol=1e-5, atol=1e-6)
+
+
+def test_an_output_selector_picks_the_scores():
+    from cnnscope.testing.models import IDENTITY_PREPROCESS
+
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = cnnscope.load_model(_Wrapped("tuple").eval(), preprocess=IDENTITY_PREPROCESS, output=1)
+    assert model.num_classes == 2  # the second element of the tuple
+    model = cnnscope.load_model(_Wrapped("dict").eval(), preprocess=IDENTITY_PREPROCESS, output="nothing")
+    with pytest.raises(cnnscope.ModelError, match="output='nothing' finds no tensor of scores"):
+        cnnscope.get_method("saliency")(model)(images)

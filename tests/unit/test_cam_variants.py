@@ -102,7 +102,7 @@ def test_eigencam_is_the_first_principal_component(setup):
         centred = matrix - matrix.mean(0)
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
         projection = (centred @ vh[0]).view(12, 12).float()
-        if torch.corrcoef(torch.stack([projection.flatten(), activations[b].sum(0).flatten()]))[0, 1] < 0:
+        if torch.corrcoef(torch.stack([projection.flatten(), activations[b].pow(2).sum(0).flatten()]))[0, 1] < 0:
             projection = -projection
         torch.testing.assert_close(explanation.raw[b, 0], torch.relu(projection), rtol=1e-4, atol=1e-5)
         assert torch.equal(explanation.raw[b, 0], explanation.raw[b, 1])  # class-agnostic
@@ -117,10 +117,11 @@ def test_hirescam_equals_gradcam_on_gap_linear(default_model, default_batch):
 
 def test_ablationcam_closed_form_equals_real_ablation_on_the_default_model(default_model, chelsea):
     """The closed form y - y_c = W[c] mean(A_c) against ablating channels for real through the hook path."""
-    method = cnnscope.get_method("ablationcam")(default_model)
+    from cnnscope.hooks import capture
+    from cnnscope.methods.cam import LayerRun
+
     batch = default_model.preprocess([chelsea])
     layer = default_model.default_layer()
-    from cnnscope.hooks import capture
 
     with capture(default_model.module, [layer]) as record, torch.no_grad():
         logits = default_model.module(batch)
@@ -128,7 +129,9 @@ def test_ablationcam_closed_form_equals_real_ablation_on_the_default_model(defau
     active = (activations[0].flatten(1).amax(1) > 0).nonzero().flatten()[:6]
     ablated = activations.repeat(len(active), 1, 1, 1)
     ablated[torch.arange(len(active)), active] = 0
-    out, _ = method._run_with_layer_output(batch, ablated)
+    run = LayerRun(default_model, layer, batch, logits, activations)
+    out = run.scores_with_layer_output(batch, ablated)
+    assert run.forwards == 1  # the part before the layer ran once for all the ablated copies
     real_drop = logits[0, 285] - out[:, 285]
     closed = default_model.module._fc.weight[285, active] * activations[0, active].mean(dim=(1, 2))
     torch.testing.assert_close(real_drop, closed.detach(), rtol=1e-4, atol=1e-5)
@@ -159,7 +162,7 @@ def test_ablationcam_hook_path_when_the_tail_is_not_linear():
 @pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
 def test_scorecam_skips_constant_channels_without_changing_the_result(setup):
     model, images, activations, _ = setup
-    method = cnnscope.get_method("scorecam")(model, layer="act", masks_per_pass=1)
+    method = cnnscope.get_method("scorecam")(model, layer="act", inputs_per_pass=1)
     explanation = method(images, [0])
     constant = sum(
         int((activations[b].flatten(1).amax(1) == activations[b].flatten(1).amin(1)).sum()) for b in range(2)

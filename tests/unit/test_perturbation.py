@@ -45,8 +45,9 @@ def test_occlusion_winner_map_and_early_stop(quadrant):
     explanation = Occlusion(quadrant, window=16, stride=16, quiet=True, fill="zero")(image, 1)
     # blacking out the top-right quadrant leaves no evidence for class 1 (all logits tie, class 0 wins)
     assert explanation.stats["winners"][0] == [[1, 0], [1, 1]]
-    stopped = Occlusion(quadrant, window=4, stride=4, quiet=True, max_seconds=0)(image, 1)
-    assert stopped.stats["stopped_early"] == [True]
+    stopped = Occlusion(quadrant, window=4, stride=4, quiet=True, max_seconds=0, inputs_per_pass=4)(image, 1)
+    assert stopped.stats["stopped_early"] == [True] and stopped.stats["forwards"] == 2  # the image, one pass
+    assert sum(row.count(-1) for row in stopped.stats["winners"][0]) == 60  # 60 of 64 patches never ran
 
 
 def test_occlusion_matches_captum_on_the_default_model(default_model, chelsea):
@@ -174,7 +175,7 @@ def test_lime_on_your_own_regions(quadrant, tmp_path):
 def test_lime_errors_and_convergence(quadrant):
     from cnnscope.methods import LIME
 
-    with pytest.raises(MethodError, match="unknown segmentation 'watershed'"):
+    with pytest.raises(MethodError, match="option segmentation of lime takes one of: slic, quickshift, felzenszwalb"):
         LIME(quadrant, segmentation="watershed", quiet=True)(evidence_image(0), 0)
     # a clear-cut image: one superpixel holds the evidence, so the top-1 settles long before 2,000 samples
     settled = LIME(
@@ -185,7 +186,7 @@ def test_lime_errors_and_convergence(quadrant):
         min_samples=100,
         top=1,
         fill="zero",
-        images_per_pass=50,
+        inputs_per_pass=50,
         quiet=True,
     )(evidence_image(0), 0)
     assert settled.stats["samples_used"][0] <= 100
@@ -197,7 +198,7 @@ def test_paired_lime_samples_vary_less_between_seeds(default_model, chelsea, qua
     from cnnscope.methods import LIME
 
     def coefficients(sampling: str, seed: int) -> torch.Tensor:
-        method = LIME(default_model, samples=150, sampling=sampling, seed=seed, precision="bf16", quiet=True)
+        method = LIME(default_model, samples=150, sampling=sampling, seed=seed, quiet=True)
         return method(chelsea, 285).raw[0, 0]
 
     spread = {
@@ -208,7 +209,7 @@ def test_paired_lime_samples_vary_less_between_seeds(default_model, chelsea, qua
     # counts; on a real model the surrogate then moves less from seed to seed (measured here: 0.66-0.69x the
     # spread of independent samples at 600 samples on two photos, i.e. about twice the samples' worth)
     assert spread["paired"] < 0.85 * spread["independent"], spread
-    with pytest.raises(MethodError, match="'paired' or 'independent'"):
+    with pytest.raises(MethodError, match="option sampling of lime takes one of: paired, independent"):
         LIME(quadrant, sampling="sobol", quiet=True)(evidence_image(0), 1)
 
 
@@ -246,7 +247,13 @@ def test_synthetic_shapes_are_seeded_with_masks_and_a_spurious_cue():
 
 def test_bf16_path_is_checked_against_fp32(default_model, chelsea, quadrant):
     from cnnscope.methods import LIME
+    from cnnscope.methods.perturbation import bf16_is_fast
 
+    if not bf16_is_fast(torch.device("cpu")):  # emulated bf16 would be several times slower: fp32, said
+        with pytest.warns(cnnscope.CnnscopeWarning, match="no bf16 instructions"):
+            slow = Occlusion(default_model, window=112, stride=112, precision="bf16", quiet=True)(chelsea, 285)
+        assert slow.stats["precision"] == ["fp32"]
+        return
     fast = Occlusion(default_model, window=112, stride=56, precision="bf16", quiet=True)(chelsea, 285)
     exact = Occlusion(default_model, window=112, stride=56, quiet=True)(chelsea, 285)
     assert fast.stats["precision"] == ["bf16"] and exact.stats["precision"] == ["fp32"]
@@ -261,5 +268,5 @@ def test_bf16_path_is_checked_against_fp32(default_model, chelsea, quadrant):
         assert fallback.stats["precision"] == ["fp32"]
     finally:
         LIME.BF16_TOLERANCE = saved
-    with pytest.raises(MethodError, match="precision must be"):
+    with pytest.raises(MethodError, match="option precision of .* takes one of: fp32, bf16"):
         Occlusion(quadrant, precision="fp16", quiet=True)(evidence_image(0), 0)

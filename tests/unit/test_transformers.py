@@ -67,7 +67,7 @@ def test_eigencam_and_scorecam_read_the_token_grid():
         model.module(images)
     handle.remove()
     grid = to_grid(kept[0], (2, 8, 8))  # (B, D, 8, 8)
-    # Eigen-CAM: the grid's first principal component (sign: along the summed activations)
+    # Eigen-CAM: the grid's first principal component (sign: along the activation energy per position)
     eigen = cnnscope.get_method("eigencam")(model, relu=False)(images, 0)
     for b in range(2):
         matrix = grid[b].flatten(1).T.double()
@@ -75,7 +75,7 @@ def test_eigencam_and_scorecam_read_the_token_grid():
         component = torch.linalg.svd(centred, full_matrices=False)[2][0]
         projection = (centred @ component).view(8, 8).float()
         expected = projection * torch.sign(
-            torch.corrcoef(torch.stack([projection.flatten(), grid[b].sum(0).flatten()]))[0, 1]
+            torch.corrcoef(torch.stack([projection.flatten(), grid[b].pow(2).sum(0).flatten()]))[0, 1]
         )
         torch.testing.assert_close(eigen.raw[b, 0], expected, rtol=1e-4, atol=1e-5)
     # Score-CAM: channel d of the grid masks the input; the masked scores, softmaxed, weigh the channels

@@ -50,13 +50,19 @@ def _check(model: Model, image: torch.Tensor, saliency: torch.Tensor) -> tuple[t
     return image.detach(), saliency.to(image.device)
 
 
-def _probabilities(model: Model, batch: torch.Tensor, per_pass: int = 8) -> torch.Tensor:
+def _outputs(model: Model, batch: torch.Tensor, per_pass: int = 8) -> torch.Tensor:
+    """The model's raw outputs (logits, or probabilities for a model that outputs them)."""
     out = []
     with preserved(model.module), torch.inference_mode():
         for start in range(0, batch.shape[0], per_pass):
             chunk = batch[start : start + per_pass].contiguous(memory_format=torch.channels_last)
-            out.append(model.probabilities(model.module(chunk)))
+            out.append(model(chunk))
     return torch.cat(out)
+
+
+def _probabilities(model: Model, batch: torch.Tensor, per_pass: int = 8) -> torch.Tensor:
+    """The model's own probabilities (softmax, multi-label sigmoid, or its outputs as they are)."""
+    return model.probabilities(_outputs(model, batch, per_pass))
 
 
 def _blurred(image: torch.Tensor) -> torch.Tensor:
@@ -116,8 +122,8 @@ def _fill(model: Model, image: torch.Tensor, how: str) -> torch.Tensor:
     raise InputError(f"unknown fill {how!r}; choose 'grey', 'black' or 'blur'")
 
 
-def _top(model: Model, probabilities: torch.Tensor, k: int = 5) -> list[Prediction]:
-    return model.top_predictions(probabilities.clamp_min(1e-12).log(), k)[0]
+def _top(model: Model, outputs: torch.Tensor, k: int = 5) -> list[Prediction]:
+    return model.top_predictions(outputs, k)[0]
 
 
 def remove_evidence(
@@ -130,8 +136,9 @@ def remove_evidence(
     threshold = torch.quantile(saliency.flatten().float(), 1 - fraction)
     mask = (saliency >= threshold).view(1, 1, *saliency.shape)
     removed = torch.where(mask, _fill(model, image, fill), image)
-    before, after = _probabilities(model, torch.cat([image, removed]))
-    top = _top(model, after[None])
+    outputs = _outputs(model, torch.cat([image, removed]))
+    before, after = model.probabilities(outputs)
+    top = _top(model, outputs[1:])
     return {
         "fraction": fraction,
         "fill": fill,
@@ -155,7 +162,8 @@ def keep_evidence(model: Model, image: torch.Tensor, saliency, target: int, *, f
     top_y, bottom_y, left_x, right_x = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     crop = image[:, :, top_y:bottom_y, left_x:right_x]
     resized = F.interpolate(crop, size=image.shape[-2:], mode="bilinear", align_corners=False)
-    before, after = _probabilities(model, torch.cat([image, resized]))
+    outputs = _outputs(model, torch.cat([image, resized]))
+    before, after = model.probabilities(outputs)
     return {
         "fraction": fraction,
         "box": [left_x, top_y, right_x, bottom_y],
@@ -165,6 +173,6 @@ def keep_evidence(model: Model, image: torch.Tensor, saliency, target: int, *, f
         "confidence_kept": float(after[target] / before[target]) if before[target] > 0 else float("nan"),
         "crop_top5": [
             {"class_index": p.index, "class_name": short_name(p.label), "probability": p.probability}
-            for p in _top(model, after[None])
+            for p in _top(model, outputs[1:])
         ],
     }

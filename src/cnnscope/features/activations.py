@@ -19,7 +19,6 @@ from ..render.figure import FigureResult
 from ..render.overlay import overlay
 from ..render.plates import mosaic, to_uint8
 from ..state import preserved
-from ..tokens import layer_adapter
 
 
 @dataclass
@@ -94,15 +93,14 @@ def layer_activations(
     if batch.tensor.shape[0] != 1:
         raise InputError(f"activations are shown for one image at a time, got {batch.tensor.shape[0]}")
     ref = model.layer(layer) if layer is not None else model.default_layer()
-    adapter = layer_adapter(ref.output_shape, model.preprocess.size)
-    if adapter is None:
+    if ref.layout is None:
         raise InputError(
             f"layer {ref.key!r} outputs {ref.output_shape}, not a feature map; choose a convolutional layer "
             "(cnnscope layers lists them)"
         )
     with preserved(model.module), torch.no_grad(), capture(model.module, [ref], stop=True) as record:
         forward_until(model.module, batch.tensor)  # the layers after this one are not needed
-        maps = adapter[0](record[ref.key]).float()[0].cpu().numpy()
+        maps = ref.layout.to_map(record[ref.key]).float()[0].cpu().numpy()
     means = maps.mean(axis=(1, 2))
     order = np.argsort(-means, kind="stable")
     return LayerActivations(layer=ref.key, maps=maps, means=means, order=order, original=batch.originals[0])

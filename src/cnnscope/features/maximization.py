@@ -173,7 +173,7 @@ class _Scorer:
             for start in range(0, images.shape[0], self.per_pass):
                 stop = min(images.shape[0], start + self.per_pass)
                 x = self.model.preprocess.normalize(images[start:stop]).contiguous(memory_format=torch.channels_last)
-                out = self.model.module(x)
+                out = self.model(x)
                 values.append(self.values(record, out, range(start, stop)))
                 logits.append(out)
                 if self.diversity_ref is not None:

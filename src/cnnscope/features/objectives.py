@@ -22,7 +22,6 @@ from .._registry import OBJECTIVES
 from ..errors import InputError, TargetError
 from ..hooks import LayerRef
 from ..targets import class_index
-from ..tokens import layer_adapter
 
 LayerSpec = str | nn.Module
 #: acts (by LayerRef.key) and logits (None when no objective needs them) -> one value per image
@@ -156,15 +155,14 @@ def class_logit(target: int | str, *, score: str = "logit") -> Objective:
 def feature_map(model, ref: LayerRef) -> Callable[[torch.Tensor], torch.Tensor]:
     """How to view ``ref``'s output as (n, C, h, w) maps: feature maps as they are, transformer tokens
     on their grid, a vector layer as 1x1 maps; anything else is a one-line InputError."""
-    adapter = layer_adapter(ref.output_shape, model.preprocess.size)
-    if adapter is None:
+    if ref.layout is None:
         if len(ref.output_shape) == 2:
             return lambda t: t[:, :, None, None]  # a vector layer: each unit is a 1x1 channel
         raise InputError(
             f"layer {ref.key!r} outputs shape {ref.output_shape}, neither a feature map nor a vector; "
             "choose a convolutional layer (cnnscope layers lists them)"
         )
-    return adapter[0]
+    return ref.layout.to_map
 
 
 def _check_channel(ref: LayerRef, index: int, channels: int) -> None:

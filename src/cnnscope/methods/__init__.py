@@ -45,6 +45,7 @@ __all__ = [
     "XGradCAM",
     "get_method",
     "list_methods",
+    "method_listing",
     "register_method",
 ]
 
@@ -52,6 +53,7 @@ __all__ = [
 METHODS.alias("ig", "integrated-gradients")
 METHODS.alias("gradcampp", "gradcam++")
 METHODS.alias("guided-grad-cam", "guided-gradcam")
+METHODS.alias("rectified", "deconvnet")
 
 
 def list_methods() -> list[str]:
@@ -62,3 +64,20 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> type[Method]:
     """The method class registered under ``name`` (with suggestions for unknown names)."""
     return METHODS.get(name)
+
+
+def method_listing(methods=None) -> list[dict]:
+    """JSON-able rows of the registered methods (or of the (name, class) pairs given): name, summary,
+    whether it explains a layer, whether it is class-specific, and its typed options. ``cnnscope
+    methods --json`` and ``GET /api/methods`` print these."""
+    return [
+        {
+            "name": name,
+            "summary": cls.summary,
+            "uses_layer": cls.uses_layer,
+            "class_specific": cls.class_specific,
+            "options": cls.options.to_json(),
+            "file_options": list(cls.file_options()),
+        }
+        for name, cls in (METHODS.items() if methods is None else methods)
+    ]

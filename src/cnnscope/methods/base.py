@@ -16,18 +16,20 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .._registry import METHODS, did_you_mean
+from .._registry import METHODS
 from ..errors import CnnscopeWarning, MethodError, TargetError
 from ..explanation import Explanation
 from ..hooks import LayerRef
 from ..models import Model, load_model
 from ..models.labels import short_name
+from ..options import Options, integer
 from ..state import preserved
 from ..targets import NO_TARGET, resolve_targets, slice_per_image
-from ..tokens import layer_adapter
 
 #: At most this many notes of one kind per image (1,000 targets must not print 1,000 lines).
 MAX_NOTES = 5
+#: More targets per image than this get a warning: each is a map in memory (the web API refuses them).
+MANY_TARGETS = 100
 
 
 def register_method(name: str):
@@ -94,25 +96,36 @@ def auto_images_per_pass(model: Model, budget_bytes: int = 24 * 2**20) -> int:
     return max(1, budget_bytes // (4 * largest))
 
 
+#: The option every method with forward passes of its own (masked, ablated, interpolated, noisy or
+#: perturbed inputs) takes for their number per pass; the old per-method names point to it.
+INPUTS_PER_PASS = integer(
+    None,
+    "model inputs of the method's own (masked, perturbed, interpolated, noisy) images per forward pass "
+    "(default: as many as keep every layer output under 24 MiB)",
+    low=1,
+    high=4096,
+)
+RENAMED = {name: "inputs_per_pass" for name in ("masks_per_pass", "ablations_per_pass", "steps_per_pass")} | {
+    "copies_per_pass": "inputs_per_pass"
+}
+
+
 class Method:
     """Base of every attribution method.
 
     Args:
         model: a :class:`~cnnscope.models.Model`, an ``nn.Module`` or anything ``load_model`` takes.
         layer: the layer to explain, for layer methods (default: the model's default target layer).
-        **options: the method's options (see its ``options``); unknown names are an error.
+        **options: the method's options (see its ``options``); unknown names or values out of range are
+            an error naming what is allowed.
     """
 
     name: ClassVar[str] = "method"
-    #: Option names and defaults; the CLI and the web page read them.
-    options: ClassVar[dict[str, object]] = {}
-    #: Options that may name a file to read; the web app refuses file names for them (a browser must not
-    #: make the server read its own files) and takes their values as JSON.
-    file_options: ClassVar[tuple[str, ...]] = ()
+    #: The typed option declarations (:mod:`cnnscope.options`); the CLI, the web page, ``cnnscope methods``
+    #: and the README's option table read them.
+    options: ClassVar[Options] = Options()
     #: Whether the method explains a layer (and accepts ``layer=``).
     uses_layer: ClassVar[bool] = False
-    #: Whether negative values in the maps carry meaning.
-    signed: ClassVar[bool] = False
     #: False for class-agnostic methods (every target gets the same map).
     class_specific: ClassVar[bool] = True
     #: One line for listings.
@@ -120,25 +133,26 @@ class Method:
 
     def __init__(self, model: Model | nn.Module | str = "efficientnet_lite0", *, layer=None, **options) -> None:
         self.model = load_model(model)
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            hint = did_you_mean(unknown[0], list(self.options))
-            known = ", ".join(self.options) or "none"
-            raise MethodError(f"{self.name} has no option {unknown[0]!r}{hint} (its options: {known})")
-        self.config = {**self.options, **options}
+        for old in set(options) & set(RENAMED):
+            if RENAMED[old] in self.options:
+                raise MethodError(f"option {old} of {self.name} is now called {RENAMED[old]}")
+        self.config = self.options.resolve(options, self.name)
         if layer is not None and not self.uses_layer:
             raise MethodError(f"{self.name} works on the input pixels and takes no layer")
         self.layer: LayerRef | None = None
         if self.uses_layer:
             self.layer = self.model.layer(layer) if layer is not None else self.model.default_layer()
-            shape = self.layer.output_shape
-            adapter = layer_adapter(shape, self.model.preprocess.size)
-            if adapter is None:
+            if self.layer.layout is None:
                 raise MethodError(
                     f"{self.name} needs a layer with a (N, C, H, W) output or a (N, tokens, D) sequence of "
-                    f"patch tokens; {self.layer.key!r} outputs {shape}"
+                    f"patch tokens; {self.layer.key!r} outputs {self.layer.output_shape}"
                 )
-            self.to_map, self.layout = adapter
+
+    @classmethod
+    def file_options(cls) -> tuple[str, ...]:
+        """Options that may name a file to read; the web app refuses file names for them (a browser must
+        not make the server read its own files) and takes their values as JSON."""
+        return tuple(name for name, option in cls.options.items() if option.reads_files)
 
     def __repr__(self) -> str:
         layer = f", layer={self.layer.key!r}" if self.layer else ""
@@ -213,6 +227,11 @@ class Method:
             torch.full_like(targets, float("nan"), dtype=logits.dtype),
         )
         notes = [f"{batch.names[i]}: {text}" for i, text in computed.notes + self._similar_map_notes(raw, targets)]
+        if targets.shape[1] > MANY_TARGETS:
+            notes.append(
+                f"{targets.shape[1]} targets per image: {targets.numel()} maps of {tuple(raw.shape[-2:])} are kept in "
+                "memory; explain fewer classes at a time if that is more than you need"
+            )
         for note in notes:
             warnings.warn(note, CnnscopeWarning, stacklevel=4)
         if layer_key is None and self.layer is not None:
@@ -241,11 +260,25 @@ class Method:
             notes=tuple(notes),
         )
 
+    def estimated_work(self, targets: int = 1) -> int:
+        """Forward-pass equivalents one image costs with these options and ``targets`` targets (a backward
+        pass counts as one): what a server's work budget is checked against before anything runs."""
+        return 1 + targets
+
     def is_signed(self) -> bool:
-        return self.signed
+        """Whether negative values in the maps carry meaning (drawn with a diverging colormap): the one
+        source of ``Explanation.signed``, decided from the method and its options."""
+        return False
 
     def resolve(self, target: object, logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-        return resolve_targets(target, logits, self.model.labels, multilabel=self.model.multilabel, threshold=threshold)
+        return resolve_targets(
+            target,
+            logits,
+            self.model.labels,
+            multilabel=self.model.multilabel,
+            threshold=threshold,
+            probabilities=self.model.probabilities,
+        )
 
     def compute(self, batch: torch.Tensor, resolve) -> Computed:
         """Compute raw maps for ``batch``; ``resolve(logits)`` gives the (B, K) targets."""

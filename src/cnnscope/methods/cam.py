@@ -2,14 +2,24 @@
 
     map[b, k] = ReLU( sum_c  weight[b, k, c] * A[b, c] )
 
-where A is the layer's activation and ``channel_weights(A, dA)`` is the one thing a variant
-changes. The gradients dA of every target come from ``torch.autograd.grad`` on the captured
-activation, for all K targets of a batch from one forward pass (batched with
-``is_grads_batched``), so the model's parameters get no ``.grad`` and in-place ReLUs are fine.
+where A is the layer's activation and :meth:`CAMBase.weights` is the one thing a variant defines:
+
+    weights(activations, gradients, targets, run) -> (B, K, C) channel weights, or (B, K, C, h, w)
+                                                     element-wise weights
+
+``activations`` are the layer's (B, C, h, w) view (transformer tokens on their grid, channels-last
+maps moved), ``gradients`` the (B, K, C, h, w) gradients of each target's score (None for variants
+with ``needs_gradients = False``), ``targets`` the (B, K) class indices and ``run`` a :class:`LayerRun`
+with what a gradient-free variant needs besides (the inputs, the outputs, the layer's own output,
+and forward passes that count themselves). The base does the rest once for every variant: the
+forward pass and the gradients (for all K targets of a batch from one forward pass, batched with
+``is_grads_batched``, so the parameters get no ``.grad`` and in-place ReLUs are fine), the
+counterfactual sign, the combination, the ReLU, zeros for padded targets and the notes on empty maps.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -17,11 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MethodError
-from ..hooks import capture
+from ..hooks import LayerRef, capture
+from ..models import Model
 from ..models.labels import short_name
-from ..targets import NO_TARGET
-from ..tokens import channel_axis, layer_adapter
-from .base import MAX_NOTES, Computed, Method, auto_images_per_pass, register_method
+from ..options import Options, choice, flag, integer
+from ..progress import check_cancelled
+from .base import INPUTS_PER_PASS, MAX_NOTES, Computed, Method, auto_images_per_pass, register_method
+from .gradient import REDUCE
 
 #: Memory for one chunk of per-target gradients; more targets than fit are done in several chunks.
 #: 32 MiB measured fastest on the default model (all 1,000 classes: 1000 > 128 > 32 > 8 per chunk).
@@ -29,102 +41,175 @@ GRADIENT_BUDGET_BYTES = 32 * 2**20
 #: From this many targets on, a verified GAP + linear tail gives the gradients in closed form.
 ANALYTIC_MIN_TARGETS = 3
 
+RELU = flag(True, "clip negative map values (the paper's ReLU); false keeps the signed sum")
+COUNTERFACTUAL = flag(False, "negate the gradients: the regions whose removal would raise the score")
+
+
+@dataclass
+class LayerRun:
+    """What a CAM variant may use besides activations and gradients, for one pass of images.
+
+    ``images`` are the model inputs, ``logits`` the model's outputs for them, ``output`` the layer's
+    output in its own layout (detached). :meth:`scores` and :meth:`scores_with_layer_output` run the
+    model without gradients and count the forward passes in ``forwards``."""
+
+    model: Model
+    layer: LayerRef
+    images: torch.Tensor
+    logits: torch.Tensor
+    output: torch.Tensor
+    forwards: int = 0
+
+    def scores(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's raw outputs for ``inputs`` (one forward pass, no gradients)."""
+        check_cancelled()
+        with torch.inference_mode():
+            out = self.model(inputs)
+        self.forwards += 1
+        return out
+
+    def scores_with_layer_output(self, image: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
+        """Outputs with the layer's output replaced by each of ``replacement``'s n rows (in the layer's own
+        layout): the part before the layer runs once on the one ``image`` when the model allows it, else on
+        n copies of it."""
+        layer, count = self.layer, replacement.shape[0]
+        calls = [0]
+
+        def replace(module, args, output):
+            index = calls[0]
+            calls[0] += 1
+            return replacement if index == layer.call else None
+
+        for inputs in (image, image.expand(count, *image.shape[1:])):
+            calls[0] = 0
+            handle = layer.module.register_forward_hook(replace)
+            try:
+                out = self.scores(inputs)
+                if out.shape[0] == count:
+                    return out
+            except RuntimeError:
+                pass
+            finally:
+                handle.remove()
+        raise MethodError(f"cannot replace the output of layer {layer.key!r} in this model's forward")
+
 
 class CAMBase(Method):
-    """The shared machinery; subclasses implement :meth:`channel_weights`."""
+    """The shared machinery; a variant implements :meth:`weights` (see the module docstring).
+
+    Class attributes a variant may set: ``needs_gradients`` (False: ``gradients`` is None and no
+    backward pass runs), ``centred`` (True: the weights multiply the activations minus their spatial
+    mean per channel, as a principal-component projection does)."""
 
     uses_layer: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = True
-    options: ClassVar[dict[str, object]] = {"relu": True, "counterfactual": False}
+    centred: ClassVar[bool] = False
+    #: whether the variant may run the model once per channel of the layer (for the work estimate)
+    passes_per_channel: ClassVar[bool] = False
+    options: ClassVar[Options] = Options(relu=RELU, counterfactual=COUNTERFACTUAL)
 
-    def channel_weights(
-        self, activations: torch.Tensor, gradients: torch.Tensor | None, targets: torch.Tensor
+    def weights(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, targets: torch.Tensor, run: LayerRun
     ) -> torch.Tensor:
-        """(B, C, h, w) activations and (B, k, C, h, w) gradients -> (B, k, C) channel weights
-        (or (B, k, C, h, w) for element-wise weights)."""
+        """(B, C, h, w) activations, (B, K, C, h, w) gradients or None, (B, K) targets -> (B, K, C) channel
+        weights, or (B, K, C, h, w) element-wise weights."""
         raise NotImplementedError
 
     def is_signed(self) -> bool:
         return not self.config.get("relu", True)
 
+    def estimated_work(self, targets: int = 1) -> int:
+        # gradient-free variants that run the model once per channel (Score-CAM, Ablation-CAM off a linear
+        # tail) cost up to one pass per channel of the layer
+        if not self.passes_per_channel:
+            return 1 + (targets if self.needs_gradients else 0)
+        layout = self.layer.layout
+        return 1 + self.layer.output_shape[layout.channel_axis(len(self.layer.output_shape))]
+
+    def check_head(self, activations: torch.Tensor, logits: torch.Tensor) -> None:
+        """For variants that only apply to some heads (CAM): raise ``MethodError`` saying why."""
+
     def compute(self, batch: torch.Tensor, resolve) -> Computed:
-        layer = self.layer
-        assert layer is not None
+        return self._compute_layers([self.layer], batch, resolve)[self.layer.key]
+
+    def _compute_layers(self, refs: list[LayerRef], batch: torch.Tensor, resolve) -> dict[str, Computed]:
+        """One forward pass for all ``refs``; gradient variants also share one backward call per chunk of
+        targets (the backward pass returns every layer's gradient)."""
         with (
-            capture(self.model.module, [layer]) as record,
+            capture(self.model.module, refs) as record,
             torch.inference_mode(False),
             torch.set_grad_enabled(self.needs_gradients),
         ):
-            logits = self.model.module(batch)
-            activations = record[layer.key]
+            logits = self.model(batch)
+            outputs = [record[ref.key] for ref in refs]
         targets = resolve(logits)
-        self.check_head(self.to_map(activations), logits)
-        if self.layout != "channels-first":
-            maps, backwards, extra_forwards = self._adapted_maps(activations, logits, targets, batch)
-        else:
-            maps, backwards, extra_forwards = self._weighted_maps(activations, logits, targets, batch)
-        notes = self._empty_map_notes(maps, targets)
-        return Computed(
-            raw=maps,
-            logits=logits.detach(),
-            targets=targets,
-            forwards=record.forwards + extra_forwards,
-            backwards=backwards,
-            notes=notes,
-        )
+        views = [ref.layout.to_map(output.detach()) for ref, output in zip(refs, outputs, strict=True)]
+        for view in views:
+            self.check_head(view, logits)
+        runs = [
+            LayerRun(self.model, ref, batch, logits.detach(), output.detach())
+            for ref, output in zip(refs, outputs, strict=True)
+        ]
+        maps, backwards = self._maps(refs, outputs, views, logits, targets, runs)
+        return {
+            ref.key: Computed(
+                raw=layer_maps,
+                logits=logits.detach(),
+                targets=targets,
+                forwards=record.forwards + run.forwards,
+                backwards=backwards,
+                notes=self._empty_map_notes(layer_maps, targets, ref.key),
+            )
+            for ref, layer_maps, run in zip(refs, maps, runs, strict=True)
+        }
 
-    def check_head(self, activations: torch.Tensor, logits: torch.Tensor) -> None:
-        """A hook for methods that only apply to some heads (CAM)."""
-
-    def _weighted_maps(
-        self, activations: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, batch: torch.Tensor
-    ) -> tuple[torch.Tensor, int, int]:
-        """(maps (B, K, h, w), backward passes, extra forward passes)."""
-        batch, k_total = targets.shape
-        per_target = activations[0].numel() * activations.element_size() * batch
+    def _maps(self, refs, outputs, views, logits, targets, runs) -> tuple[list[torch.Tensor], int]:
+        """Per layer the (B, K, h, w) maps, and the backward passes, targets taken in chunks that keep the
+        gradients within ``GRADIENT_BUDGET_BYTES``."""
+        k_total = targets.shape[1]
+        if not self.needs_gradients:
+            return [
+                self._combine(self.weights(v, None, targets, r), v, targets) for v, r in zip(views, runs, strict=True)
+            ], 0
+        per_target = sum(view.numel() * view.element_size() for view in views)
         chunk = max(1, min(k_total, GRADIENT_BUDGET_BYTES // max(1, per_target)))
-        detached = activations.detach()
-        pieces, backwards = [], 0
         analytic = None
-        if self.needs_gradients and k_total >= ANALYTIC_MIN_TARGETS:
-            analytic = linear_tail_gradients(self.model, self.layer, activations, logits, targets)
-            if analytic is not None:
-                backwards, chunk = 1, k_total  # the one backward pass that verified the closed form
-                if self.config.get("counterfactual"):
-                    analytic = analytic[..., :1, :1].neg().expand_as(analytic)  # stays a zero-copy view
+        if len(refs) == 1 and refs[0].layout.is_map and k_total >= ANALYTIC_MIN_TARGETS:
+            analytic = linear_tail_gradients(self.model, refs[0], outputs[0], logits, targets)
+        backwards = 1 if analytic is not None else 0  # the one backward pass that verified the closed form
+        if analytic is not None:
+            chunk = k_total
+        pieces: list[list[torch.Tensor]] = [[] for _ in refs]
         for start in range(0, k_total, chunk):
             part = targets[:, start : start + chunk]
-            gradients = None
             if analytic is not None:
-                gradients = analytic[:, start : start + chunk]
-            elif self.needs_gradients:
+                gradients = [analytic[:, start : start + chunk]]
+            else:
                 last = start + chunk >= k_total
-                gradients = target_gradients(logits, activations, part, retain_graph=not last)
+                if not all(output.requires_grad for output in outputs):
+                    raise MethodError(
+                        "the layer's activation is not connected to the output by autograd; "
+                        "is the model's forward wrapped in torch.no_grad()?"
+                    )
+                raw = layer_target_gradients(logits, outputs, part, retain_graph=not last)
+                gradients = [ref.layout.to_map(grad) for ref, grad in zip(refs, raw, strict=True)]
                 backwards += part.shape[1]
+            for index, (view, grads, run) in enumerate(zip(views, gradients, runs, strict=True)):
                 if self.config.get("counterfactual"):
-                    gradients = -gradients
-            pieces.append(self._combine(self.channel_weights(detached, gradients, part), detached, part))
-        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), backwards, 0
+                    grads = _negated(grads)
+                pieces[index].append(self._combine(self.weights(view, grads, part, run), view, part))
+        return [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in pieces], backwards
 
-    def _adapted_maps(self, activations, logits, targets, images):
-        """A transformer layer (B, T, D) or a channels-last one (B, h, w, C): gradients w.r.t. the layer's own
-        output, then activations and gradients both put in (B, C, h, w) form. Gradient-free methods run on
-        the (B, C, h, w) view directly (Ablation-CAM, which changes the layer's output, overrides this)."""
-        if not self.needs_gradients:
-            return self._weighted_maps(self.to_map(activations.detach()), logits, targets, images)
-        gradients = target_gradients(logits, activations, targets, retain_graph=False)
-        if self.config.get("counterfactual"):
-            gradients = -gradients
-        detached = self.to_map(activations.detach())
-        weights = self.channel_weights(detached, self.to_map(gradients), targets)
-        return self._combine(weights, detached, targets), targets.shape[1], 0
-
-    def _combine(self, weights: torch.Tensor, detached: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """sum_c weights * A (channel or element-wise weights), the ReLU, and zeros where there is no target."""
+    def _combine(self, weights: torch.Tensor, view: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """sum_c weights * A (channel or element-wise weights; A centred for ``centred`` variants), the ReLU,
+        and zeros where there is no target."""
+        if self.centred:
+            view = view - view.mean(dim=(-2, -1), keepdim=True)
+        weights = weights.to(view.dtype)
         if weights.ndim == 3:  # (B, k, C) @ (B, C, h*w): one batched matrix product
-            maps = torch.bmm(weights, detached.flatten(2)).view(*weights.shape[:2], *detached.shape[2:])
+            maps = torch.bmm(weights, view.flatten(2)).view(*weights.shape[:2], *view.shape[2:])
         else:
-            maps = (weights * detached.unsqueeze(1)).sum(dim=2)
+            maps = (weights * view.unsqueeze(1)).sum(dim=2)
         if self.config.get("relu", True):
             maps = torch.relu(maps)
         return torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
@@ -139,56 +224,24 @@ class CAMBase(Method):
         names: list[str] | None = None,
         images_per_pass: int | None = None,
     ) -> dict:
-        """Explain ``images`` at several layers: {layer name: Explanation}.
+        """Explain ``images`` at several layers from one forward pass: {layer name: Explanation}.
 
-        Gradient methods take one forward pass and one backward pass per target for all the layers
-        together (the backward pass returns every layer's gradient); the others run once per layer."""
+        Gradient variants take one backward call per chunk of targets for all the layers together."""
         refs = [self.model.layer(layer) for layer in layers]
-        adapters = {}
+        if not refs:
+            raise MethodError("give at least one layer")
         for ref in refs:
-            adapter = layer_adapter(ref.output_shape, self.model.preprocess.size)
-            if adapter is None:
+            if ref.layout is None:
                 raise MethodError(
                     f"{self.name} needs layers with map or patch-token outputs; {ref.key!r} outputs {ref.output_shape}"
                 )
-            adapters[ref.key] = adapter[0]
-        if not refs:
-            raise MethodError("give at least one layer")
 
         def compute_many(batch, resolve):
-            if self.needs_gradients:
-                return self._compute_layers(refs, batch, resolve, adapters)
-            return {ref.key: type(self)(self.model, layer=ref, **self.config).compute(batch, resolve) for ref in refs}
+            return self._compute_layers(refs, batch, resolve)
 
         return self._run(images, target, threshold, names, images_per_pass, compute_many)
 
-    def _compute_layers(self, refs, batch, resolve, adapters) -> dict:
-        with capture(self.model.module, refs) as record, torch.inference_mode(False), torch.enable_grad():
-            logits = self.model.module(batch)
-        activations = [record[ref.key] for ref in refs]
-        targets = resolve(logits)
-        k_total = targets.shape[1]
-        per_layer = layer_target_gradients(logits, activations, targets)
-        results = {}
-        for ref, acts, grads in zip(refs, activations, per_layer, strict=True):
-            gradients = adapters[ref.key](grads)
-            if self.config.get("counterfactual"):
-                gradients = -gradients
-            detached = adapters[ref.key](acts.detach())
-            maps = self._combine(self.channel_weights(detached, gradients, targets), detached, targets)
-            results[ref.key] = Computed(
-                raw=maps,
-                logits=logits.detach(),
-                targets=targets,
-                forwards=record.forwards,
-                backwards=k_total,
-                notes=self._empty_map_notes(maps, targets, ref.key),
-            )
-        return results
-
-    def _empty_map_notes(
-        self, maps: torch.Tensor, targets: torch.Tensor, layer_key: str | None = None
-    ) -> list[tuple[int, str]]:
+    def _empty_map_notes(self, maps: torch.Tensor, targets: torch.Tensor, layer_key: str) -> list[tuple[int, str]]:
         if not (self.needs_gradients and self.config.get("relu", True)) or self.config.get("counterfactual"):
             return []
         empty = (maps.flatten(2).amax(dim=2) <= 0) & (targets >= 0)
@@ -199,7 +252,7 @@ class CAMBase(Method):
             notes.append(
                 (
                     i,
-                    f"the {self.name} map of '{label}' is empty: at layer {layer_key or self.layer.key} the weighted "
+                    f"the {self.name} map of '{label}' is empty: at layer {layer_key} the weighted "
                     "channels lower its score everywhere (every region argues against it); "
                     "counterfactual=True (--counterfactual) maps the regions that lower it",
                 )
@@ -209,11 +262,18 @@ class CAMBase(Method):
         return notes
 
 
+def _negated(gradients: torch.Tensor) -> torch.Tensor:
+    """-gradients; the closed-form gradients stay a zero-copy expanded view (stride 0 over space)."""
+    if _constant_field(gradients):
+        return gradients[..., :1, :1].neg().expand_as(gradients)
+    return -gradients
+
+
 def find_linear_head(model, layer) -> tuple[nn.Linear | None, str]:
     """The last ``nn.Linear`` that runs, if it reads ``layer``'s channels; else None and why not."""
-    adapter = layer_adapter(layer.output_shape, model.preprocess.size)
-    layout = adapter[1] if adapter is not None else "channels-first"
-    channels = layer.output_shape[channel_axis(layout, len(layer.output_shape))]
+    layout = layer.layout
+    axis = layout.channel_axis(len(layer.output_shape)) if layout is not None else 1
+    channels = layer.output_shape[axis]
     named = dict(model.module.named_modules())
     linears = [row for row in model.calls() if isinstance(named.get(row.name), nn.Linear)]
     if not linears:
@@ -321,7 +381,7 @@ class GradCAM(CAMBase):
 
     summary = "gradient-weighted class activation map (Selvaraju et al. 2017)"
 
-    def channel_weights(self, activations, gradients, targets):
+    def weights(self, activations, gradients, targets, run):
         return spatial_mean(gradients)
 
 
@@ -339,8 +399,7 @@ class CAM(CAMBase):
 
     summary = "class activation map for global-average-pool + linear heads (Zhou et al. 2016)"
     needs_gradients = False
-    signed = True
-    options: ClassVar[dict[str, object]] = {"relu": False}
+    options: ClassVar[Options] = Options(relu=flag(False, "clip negative map values; the paper keeps the sign"))
 
     def __init__(self, model="efficientnet_lite0", *, layer=None, **options) -> None:
         super().__init__(model, layer=layer, **options)
@@ -355,9 +414,6 @@ class CAM(CAMBase):
             )
         return head
 
-    def is_signed(self) -> bool:
-        return not self.config.get("relu", False)
-
     def check_head(self, activations, logits):
         ok, error = is_gap_linear(self.head, activations, logits)
         if not ok:
@@ -367,11 +423,8 @@ class CAM(CAMBase):
                 "Use gradcam, which works on any head, or pass the layer that feeds the pooling"
             )
 
-    def channel_weights(self, activations, gradients, targets):
-        weight = self.head.weight.detach()
-        safe = targets.clamp_min(0)
-        picked = weight[safe]  # (B, k, C)
-        return torch.where((targets != NO_TARGET)[:, :, None], picked, torch.zeros_like(picked))
+    def weights(self, activations, gradients, targets, run):
+        return self.head.weight.detach()[targets.clamp_min(0)]  # (B, K, C)
 
 
 def _constant_field(gradients: torch.Tensor) -> bool:
@@ -390,7 +443,7 @@ class GradCAMPlusPlus(CAMBase):
 
     summary = "Grad-CAM++: pixel-weighted positive gradients (Chattopadhay et al. 2018)"
 
-    def channel_weights(self, activations, gradients, targets):
+    def weights(self, activations, gradients, targets, run):
         area = 1
         if _constant_field(gradients):
             area = gradients.shape[-1] * gradients.shape[-2]
@@ -408,7 +461,7 @@ class XGradCAM(CAMBase):
 
     summary = "axiom-based Grad-CAM: activation-weighted gradients (Fu et al. 2020)"
 
-    def channel_weights(self, activations, gradients, targets):
+    def weights(self, activations, gradients, targets, run):
         totals = activations.sum(dim=(-2, -1), keepdim=True)
         share = (activations / torch.where(totals != 0, totals, 1.0)).unsqueeze(1)
         return (share * gradients).sum(dim=(-2, -1))
@@ -422,7 +475,7 @@ class HiResCAM(CAMBase):
 
     summary = "element-wise gradient x activation at a layer (Draelos & Carin 2020)"
 
-    def channel_weights(self, activations, gradients, targets):
+    def weights(self, activations, gradients, targets, run):
         return gradients
 
 
@@ -433,7 +486,7 @@ class LayerCAM(CAMBase):
 
     summary = "element-wise positive gradient x activation (Jiang et al. 2021)"
 
-    def channel_weights(self, activations, gradients, targets):
+    def weights(self, activations, gradients, targets, run):
         return torch.relu(gradients)
 
 
@@ -443,26 +496,26 @@ class EigenCAM(CAMBase):
     principal component. The (h*w, C) activation matrix is centred per channel, and the map is its
     product with the first right singular vector. Class-agnostic: every target of an image gets the
     same map. The singular vector's sign is arbitrary; it is chosen so that the map correlates
-    positively with the summed activations (pytorch-grad-cam leaves it to chance)."""
+    positively with the activation energy sum_c A[c]^2 per position (pytorch-grad-cam leaves it to
+    chance). The energy, not the plain sum, because after a LayerNorm the sum over channels is nearly
+    constant and its correlation's sign is rounding noise (it differed between two CPUs here)."""
 
     summary = "first principal component of a layer's activations, class-agnostic (Muhammad & Yeasin 2020)"
     needs_gradients = False
+    centred = True
     class_specific = False
-    options: ClassVar[dict[str, object]] = {"relu": True}
+    options: ClassVar[Options] = Options(relu=RELU)
 
-    def _weighted_maps(self, activations, logits, targets, images):
-        batch, _, height, width = activations.shape
-        matrix = activations.detach().flatten(2).transpose(1, 2).double()  # (B, hw, C)
+    def weights(self, activations, gradients, targets, run):
+        matrix = activations.flatten(2).transpose(1, 2).double()  # (B, hw, C)
         centred = matrix - matrix.mean(dim=1, keepdim=True)
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-        projection = centred @ vh[:, 0, :].unsqueeze(-1)  # (B, hw, 1)
-        total = matrix.sum(dim=2, keepdim=True)
-        sign = torch.sign(((projection - projection.mean(1, True)) * (total - total.mean(1, True))).sum(1, True))
-        maps = (projection * torch.where(sign == 0, 1.0, sign)).view(batch, 1, height, width).float()
-        if self.config.get("relu", True):
-            maps = torch.relu(maps)
-        maps = maps.expand(batch, targets.shape[1], height, width)
-        return torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps)), 0, 0
+        component = vh[:, 0, :]  # (B, C)
+        projection = centred @ component.unsqueeze(-1)  # (B, hw, 1)
+        energy = matrix.pow(2).sum(dim=2, keepdim=True)  # (B, hw, 1): how strongly each position is active
+        sign = torch.sign(((projection - projection.mean(1, True)) * (energy - energy.mean(1, True))).sum(1))
+        component = component * torch.where(sign == 0, 1.0, sign)
+        return component.unsqueeze(1).expand(-1, targets.shape[1], -1)
 
 
 def _normalized_masks(activations: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -480,43 +533,36 @@ class ScoreCAM(CAMBase):
     scaled to [0, 1], masks the input; the target's logit on each masked input, softmaxed over the
     channels, weighs the channels: map = ReLU(sum_c softmax_c(y(x * M_c)) A[c]).
 
-    No gradients. The masked images run under ``inference_mode`` in passes of several images; channels
-    that are constant over space all give the same all-zero mask, so their one shared score is computed
-    once (on the default model that skips 20-60% of the 1,280 forwards, with the same output).
+    No gradients. The masked images run under ``inference_mode`` in passes of ``inputs_per_pass``;
+    channels that are constant over space all give the same all-zero mask, so their one shared score is
+    computed once (on the default model that skips 20-60% of the 1,280 forwards, with the same output).
     """
 
     summary = "channels as input masks, weighted by the masked score (Wang et al. 2020)"
     needs_gradients = False
-    options: ClassVar[dict[str, object]] = {"relu": True, "masks_per_pass": None}
+    passes_per_channel = True
+    options: ClassVar[Options] = Options(relu=RELU, inputs_per_pass=INPUTS_PER_PASS)
 
-    def _weighted_maps(self, activations, logits, targets, images):
-        module = self.model.module
+    def weights(self, activations, gradients, targets, run):
         batch, channels = activations.shape[:2]
-        per_pass = int(self.config["masks_per_pass"] or auto_images_per_pass(self.model))
-        detached = activations.detach()
-        forwards = 0
+        per_pass = int(self.config["inputs_per_pass"] or auto_images_per_pass(self.model))
         weights = torch.zeros((batch, targets.shape[1], channels), dtype=torch.float32, device=activations.device)
-        image = images
-        with torch.inference_mode():
-            for b in range(batch):
-                masks = _normalized_masks(detached[b : b + 1].transpose(0, 1), tuple(image.shape[-2:]))  # (C, 1, H, W)
-                varying = (detached[b].flatten(1).amax(1) != detached[b].flatten(1).amin(1)).nonzero().flatten()
-                constant = (detached[b].flatten(1).amax(1) == detached[b].flatten(1).amin(1)).nonzero().flatten()
-                scores = torch.empty((channels, targets.shape[1]), dtype=torch.float32, device=activations.device)
-                order = varying.tolist() + ([int(constant[0])] if len(constant) else [])
-                safe = targets[b].clamp_min(0)
-                for start in range(0, len(order), per_pass):
-                    chosen = torch.tensor(order[start : start + per_pass], device=activations.device)
-                    out = module(image[b : b + 1] * masks[chosen])
-                    forwards += 1
-                    scores[chosen] = out[:, safe].float()
-                if len(constant):
-                    scores[constant] = scores[int(constant[0])].clone()
-                weights[b] = torch.softmax(scores, dim=0).T
-        maps = torch.einsum("bkc,bchw->bkhw", weights, detached)
-        if self.config.get("relu", True):
-            maps = torch.relu(maps)
-        return torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps)), 0, forwards
+        images = run.images
+        for b in range(batch):
+            masks = _normalized_masks(activations[b : b + 1].transpose(0, 1), tuple(images.shape[-2:]))  # (C,1,H,W)
+            flat = activations[b].flatten(1)
+            varying = (flat.amax(1) != flat.amin(1)).nonzero().flatten()
+            constant = (flat.amax(1) == flat.amin(1)).nonzero().flatten()
+            scores = torch.empty((channels, targets.shape[1]), dtype=torch.float32, device=activations.device)
+            order = varying.tolist() + ([int(constant[0])] if len(constant) else [])
+            safe = targets[b].clamp_min(0)
+            for start in range(0, len(order), per_pass):
+                chosen = torch.tensor(order[start : start + per_pass], device=activations.device)
+                scores[chosen] = run.scores(images[b : b + 1] * masks[chosen])[:, safe].float()
+            if len(constant):
+                scores[constant] = scores[int(constant[0])].clone()
+            weights[b] = torch.softmax(scores, dim=0).T
+        return weights
 
 
 @register_method("ablationcam")
@@ -538,37 +584,30 @@ class AblationCAM(CAMBase):
 
     summary = "channel weights from the score drop when each channel is zeroed (Desai & Ramaswamy 2020)"
     needs_gradients = False
-    options: ClassVar[dict[str, object]] = {"relu": True, "ablations_per_pass": 256}
+    passes_per_channel = True
+    options: ClassVar[Options] = Options(
+        relu=RELU, inputs_per_pass=integer(256, "ablated copies of the layer per forward pass", low=1, high=4096)
+    )
 
-    def _adapted_maps(self, activations, logits, targets, images):
-        return self._weighted_maps(activations, logits, targets, images)  # it handles the layer's own layout
-
-    def _weighted_maps(self, activations, logits, targets, images):
-        raw = activations.detach()
-        detached = self.to_map(raw)  # (B, C, h, w)
+    def weights(self, activations, gradients, targets, run):
         safe = targets.clamp_min(0)
-        original = logits.detach().gather(1, safe)  # (B, K)
-        head, _ = find_linear_head(self.model, self.layer)
-        forwards = 0
-        if head is not None and is_gap_linear(head, detached, logits)[0]:
-            drop = head.weight.detach()[safe] * detached.mean(dim=(2, 3)).unsqueeze(1)  # (B, K, C): y - y_c
+        original = run.logits.gather(1, safe)  # (B, K)
+        head, _ = find_linear_head(self.model, run.layer)
+        if head is not None and is_gap_linear(head, activations, run.logits)[0]:
+            drop = head.weight.detach()[safe] * activations.mean(dim=(2, 3)).unsqueeze(1)  # (B, K, C): y - y_c
         else:
-            drop, forwards = self._ablated_drops(raw, original, safe, images)
+            drop = self._ablated_drops(run, original, safe)
         denominator = torch.where(original.abs() > 1e-12, original, torch.full_like(original, 1e-12))
-        weights = drop / denominator.unsqueeze(-1)
-        maps = torch.einsum("bkc,bchw->bkhw", weights.float(), detached)
-        if self.config.get("relu", True):
-            maps = torch.relu(maps)
-        return torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps)), 0, forwards
+        return drop / denominator.unsqueeze(-1)
 
-    def _ablated_drops(self, raw, original, safe, images):
-        """(B, K, C) score drops, each channel zeroed in the layer's own layout ``raw``."""
-        per_pass = int(self.config["ablations_per_pass"])
-        channel_dim = channel_axis(self.layout, raw.ndim)
+    def _ablated_drops(self, run: LayerRun, original: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+        """(B, K, C) score drops, each channel zeroed in the layer's own layout."""
+        per_pass = int(self.config["inputs_per_pass"])
+        raw = run.output
+        channel_dim = run.layer.layout.channel_axis(raw.ndim)
         first = raw.movedim(channel_dim, 1)  # (B, C, ...)
         batch, channels = first.shape[:2]
         drops = torch.zeros((batch, safe.shape[1], channels), device=raw.device)
-        forwards = 0
         for b in range(batch):
             active = (first[b].flatten(1).abs().amax(1) > 0).nonzero().flatten()
             for start in range(0, len(active), per_pass):
@@ -576,35 +615,9 @@ class AblationCAM(CAMBase):
                 ablated = first[b : b + 1].repeat(len(chosen), *([1] * (first.ndim - 1)))
                 ablated[torch.arange(len(chosen)), chosen] = 0
                 replacement = ablated.movedim(1, channel_dim).contiguous()
-                out, passes = self._run_with_layer_output(images[b : b + 1], replacement)
-                forwards += passes
+                out = run.scores_with_layer_output(run.images[b : b + 1], replacement)
                 drops[b, :, chosen] = original[b].unsqueeze(1) - out[:, safe[b]].T.float()
-        return drops, forwards
-
-    def _run_with_layer_output(self, image: torch.Tensor, replacement: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Scores with the layer's output replaced by ``replacement`` (n rows): first with the part
-        before the layer run once on the one image, else on n copies of it."""
-        layer, count = self.layer, replacement.shape[0]
-        calls = [0]
-
-        def replace(module, args, output):
-            index = calls[0]
-            calls[0] += 1
-            return replacement if index == layer.call else None
-
-        for passes, inputs in enumerate((image, image.expand(count, -1, -1, -1)), start=1):
-            calls[0] = 0
-            handle = layer.module.register_forward_hook(replace)
-            try:
-                with torch.inference_mode():
-                    out = self.model.module(inputs)
-                if out.shape[0] == count:
-                    return out, passes
-            except RuntimeError:
-                pass
-            finally:
-                handle.remove()
-        raise MethodError(f"ablationcam cannot replace the output of layer {layer.key!r} in this model's forward")
+        return drops
 
 
 @register_method("guided-gradcam")
@@ -618,16 +631,15 @@ class GuidedGradCAM(Method):
 
     summary = "guided backpropagation x Grad-CAM (Selvaraju et al. 2017)"
     uses_layer: ClassVar[bool] = True
-    options: ClassVar[dict[str, object]] = {"reduce": "max-abs", "upsample": "bilinear"}
+    options: ClassVar[Options] = Options(
+        reduce=REDUCE,
+        upsample=choice("bilinear", ("bilinear", "nearest"), "how the Grad-CAM map is upsampled to the input"),
+    )
 
     def __init__(self, model="efficientnet_lite0", *, layer=None, **options) -> None:
         super().__init__(model, layer=layer, **options)
-        from .gradient import REDUCTIONS, GuidedBackprop
+        from .gradient import GuidedBackprop
 
-        if self.config["reduce"] not in REDUCTIONS:
-            raise MethodError(f"unknown reduce {self.config['reduce']!r}; choose one of {', '.join(REDUCTIONS)}")
-        if self.config["upsample"] not in ("bilinear", "nearest"):
-            raise MethodError("upsample must be 'bilinear' or 'nearest'")
         self.gradcam = GradCAM(self.model, layer=self.layer)
         self.guided = GuidedBackprop(self.model, reduce=self.config["reduce"])
 

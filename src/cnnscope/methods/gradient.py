@@ -14,6 +14,7 @@ over the colour channels by ``reduce``:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import ClassVar
 
 import numpy as np
@@ -21,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MethodError
-from .base import Computed, Method, auto_images_per_pass, register_method
+from ..options import Options, choice, integer, number
+from ..progress import check_cancelled
+from .base import INPUTS_PER_PASS, Computed, Method, auto_images_per_pass, register_method
 from .modifiers import modified_backprop
 
 REDUCTIONS = {
@@ -32,11 +35,12 @@ REDUCTIONS = {
 }
 
 
+REDUCE = choice("max-abs", tuple(REDUCTIONS), "how the colour channels' attributions become one map")
+SEED = integer(0, "seed of the random draws (the same seed repeats a run exactly)", low=0, high=2**63 - 1)
+
+
 def reduce_channels(attributions: torch.Tensor, how: str) -> torch.Tensor:
-    try:
-        return REDUCTIONS[how](attributions)
-    except KeyError:
-        raise MethodError(f"unknown reduce {how!r}; choose one of {', '.join(REDUCTIONS)}") from None
+    return REDUCTIONS[how](attributions)
 
 
 def picked_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
@@ -46,13 +50,14 @@ def picked_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.
     return (logits.gather(1, column.clamp_min(0)) * (column >= 0).to(logits.dtype)).sum()
 
 
-def input_gradients(module, batch: torch.Tensor, targets_of, *, modifier: str | None = None):
-    """(gradients (B, K, C, H, W), logits, targets, backward passes) for one forward pass."""
+def input_gradients(model, batch: torch.Tensor, targets_of, *, modifier: str | None = None):
+    """(gradients (B, K, C, H, W), logits, targets, backward passes) for one forward pass of ``model`` (a
+    :class:`~cnnscope.models.Model`)."""
     inputs = batch.detach().clone().requires_grad_(True)
-    context = modified_backprop(module, modifier) if modifier else contextlib.nullcontext()
+    context = modified_backprop(model.module, modifier) if modifier else contextlib.nullcontext()
     with torch.inference_mode(False), torch.enable_grad():
         with context:
-            logits = module(inputs)
+            logits = model(inputs)
         if not logits.requires_grad:
             raise MethodError(
                 "this model's outputs carry no gradients (a black-box function, or a forward under no_grad); "
@@ -70,13 +75,8 @@ def input_gradients(module, batch: torch.Tensor, targets_of, *, modifier: str | 
 class GradientMethod(Method):
     """Base of the pixel-gradient methods: ``attributions`` then a channel reduction."""
 
-    options: ClassVar[dict[str, object]] = {"reduce": "max-abs"}
+    options: ClassVar[Options] = Options(reduce=REDUCE)
     modifier: ClassVar[str | None] = None
-
-    def __init__(self, model="efficientnet_lite0", *, layer=None, **options) -> None:
-        super().__init__(model, layer=layer, **options)
-        if self.config["reduce"] not in REDUCTIONS:
-            raise MethodError(f"unknown reduce {self.config['reduce']!r}; choose one of {', '.join(REDUCTIONS)}")
 
     def is_signed(self) -> bool:
         return self.config["reduce"] == "sum"
@@ -84,7 +84,7 @@ class GradientMethod(Method):
     def attributions(self, batch: torch.Tensor, resolve) -> Computed:
         """A ``Computed`` whose ``channels`` hold the per-channel attributions (``raw`` is filled in by
         :meth:`compute`)."""
-        grads, logits, targets, backwards = input_gradients(self.model.module, batch, resolve, modifier=self.modifier)
+        grads, logits, targets, backwards = input_gradients(self.model, batch, resolve, modifier=self.modifier)
         return Computed(raw=grads, logits=logits, targets=targets, forwards=1, backwards=backwards, channels=grads)
 
     def compute(self, batch: torch.Tensor, resolve) -> Computed:
@@ -108,7 +108,7 @@ class GradientXInput(GradientMethod):
     colour channels (signed). Same per-channel values as Captum's ``InputXGradient``."""
 
     summary = "gradient times input, signed"
-    options: ClassVar[dict[str, object]] = {"reduce": "sum"}
+    options: ClassVar[Options] = Options(reduce=dataclasses.replace(REDUCE, default="sum"))
 
     def attributions(self, batch, resolve):
         computed = super().attributions(batch, resolve)
@@ -135,6 +135,9 @@ class Deconvnet(GradientMethod):
 
     summary = "deconvnet / rectified backprop (Zeiler & Fergus 2014)"
     modifier = "rectified"
+
+
+BASELINES = ("black", "blur", "noise")
 
 
 def _interpolation_nodes(steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,54 +178,58 @@ class IntegratedGradients(GradientMethod):
     with baseline x' = ``baseline``: ``"black"`` (black pixels, after normalization), ``"blur"`` (the
     image blurred with ``blur_sigma`` pixels), ``"noise"`` (uniform noise, seeded by ``seed``) or a
     tensor in model-input space. The integral uses ``steps`` points of ``rule`` (Gauss-Legendre, as
-    Captum's default, or the trapezoid rule), evaluated ``steps_per_pass`` images at a time. The
+    Captum's default, or the trapezoid rule), evaluated ``inputs_per_pass`` images (points x images) at a time. The
     completeness gap sum(IG) - (y_c(x) - y_c(x')) of every map is in ``stats["completeness_gap"]``.
     Same definition and nodes as Captum's ``IntegratedGradients``.
     """
 
     summary = "integrated gradients along a straight path from a baseline (Sundararajan et al. 2017)"
-    options: ClassVar[dict[str, object]] = {
-        "reduce": "sum",
-        "steps": 50,
-        "baseline": "black",
-        "rule": "gausslegendre",
-        "blur_sigma": 10.0,
-        "seed": 0,
-        "steps_per_pass": None,
-    }
+    options: ClassVar[Options] = Options(
+        reduce=dataclasses.replace(REDUCE, default="sum"),
+        steps=integer(50, "points on the path from the baseline to the image", low=1, high=4096),
+        baseline=choice(
+            "black", BASELINES, "where the path starts (or a tensor in model-input space)", accepts=(torch.Tensor,)
+        ),
+        rule=choice("gausslegendre", ("gausslegendre", "riemann-trapezoid"), "the quadrature rule of the integral"),
+        blur_sigma=number(10.0, "blur of the 'blur' baseline, in pixels", above=0, high=1000),
+        seed=SEED,
+        inputs_per_pass=INPUTS_PER_PASS,
+    )
+
+    def estimated_work(self, targets: int = 1) -> int:
+        return 2 + int(self.config["steps"]) * (1 + targets)
 
     def baseline_for(self, batch: torch.Tensor) -> torch.Tensor:
-        choice = self.config["baseline"]
-        if isinstance(choice, torch.Tensor):
-            base = choice.to(batch)
+        given = self.config["baseline"]
+        if isinstance(given, torch.Tensor):
+            base = given.to(batch)
             if base.ndim == 3:
                 base = base.unsqueeze(0)
             if base.shape[1:] != batch.shape[1:] or base.shape[0] not in (1, batch.shape[0]):
                 raise MethodError(
-                    f"the baseline tensor has shape {tuple(choice.shape)}; it must match the model input "
+                    f"the baseline tensor has shape {tuple(given.shape)}; it must match the model input "
                     f"{tuple(batch.shape[1:])} (one for all images, or one per image)"
                 )
             return base.expand_as(batch)
-        if choice == "black":
+        if given == "black":
             return self.model.preprocess.normalize(torch.zeros_like(batch)).contiguous()
-        if choice == "blur":
+        if given == "blur":
             return gaussian_blur(batch.detach(), float(self.config["blur_sigma"]))
-        if choice == "noise":
+        if given == "noise":
             generator = torch.Generator().manual_seed(int(self.config["seed"]))
             noise = torch.rand(batch.shape, generator=generator, dtype=batch.dtype).to(batch.device)
             return self.model.preprocess.normalize(noise)
-        raise MethodError(f"unknown baseline {choice!r}; choose 'black', 'blur', 'noise' or give a tensor")
+        raise MethodError(f"unknown baseline {given!r}; choose one of {', '.join(BASELINES)} or give a tensor")
 
     def attributions(self, batch: torch.Tensor, resolve):
-        module = self.model.module
         alphas, weights = _interpolation_nodes(int(self.config["steps"]), str(self.config["rule"]))
         baseline = self.baseline_for(batch)
         with torch.no_grad():
-            logits = module(batch)
-            baseline_logits = module(baseline)
+            logits = self.model(batch)
+            baseline_logits = self.model(baseline)
         targets = resolve(logits)
         b, k_total = targets.shape
-        per_pass = self.config["steps_per_pass"] or max(1, self.images_per_pass() // b)
+        per_pass = max(1, int(self.config["inputs_per_pass"] or auto_images_per_pass(self.model)) // b)
         delta = (batch - baseline).detach()
         total = torch.zeros((b, k_total, *batch.shape[1:]), dtype=torch.float64, device=batch.device)
         forwards, backwards = 2, 0
@@ -231,8 +238,9 @@ class IntegratedGradients(GradientMethod):
             w = weights[start : start + per_pass].to(batch.device)
             points = (baseline.unsqueeze(0) + a.view(-1, 1, 1, 1, 1).to(batch.dtype) * delta.unsqueeze(0)).flatten(0, 1)
             step_targets = targets.repeat(len(a), 1)
-            grads, _, _, passes = input_gradients(module, points, lambda _logits, t=step_targets: t)
+            grads, _, _, passes = input_gradients(self.model, points, lambda _logits, t=step_targets: t)
             forwards, backwards = forwards + 1, backwards + passes
+            check_cancelled()
             grads = grads.view(len(a), b, k_total, *batch.shape[1:]).double()
             total += (grads * w.view(-1, 1, 1, 1, 1, 1)).sum(dim=0)
         attributions = (total * delta.unsqueeze(1).double()).float()
@@ -248,6 +256,3 @@ class IntegratedGradients(GradientMethod):
             channels=attributions,
             extra={"completeness_gap": gap.tolist()},
         )
-
-    def images_per_pass(self) -> int:
-        return auto_images_per_pass(self.model)

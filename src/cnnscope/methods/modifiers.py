@@ -88,6 +88,27 @@ ACTIVATIONS: dict[Callable, Callable] = {
     F.mish: _smooth(F.mish),
 }
 
+#: Activation calls left on their plain gradient (gates and saturating functions have no positive/negative
+#: rule in the papers); they are named in a warning, so nobody mistakes the result for a fully guided one.
+UNMODIFIED: dict[Callable, str] = {
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.Tensor.sigmoid: "sigmoid",
+    torch.Tensor.sigmoid_: "sigmoid",
+    F.hardsigmoid: "hardsigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    torch.Tensor.tanh: "tanh",
+    F.prelu: "prelu",
+    F.selu: "selu",
+    torch.selu: "selu",
+    F.celu: "celu",
+    torch.celu: "celu",
+    F.softplus: "softplus",
+    F.logsigmoid: "logsigmoid",
+    F.rrelu: "rrelu",
+}
+
 #: Module classes that are activations: if one runs and no call above is seen inside it, we say so.
 ACTIVATION_NAME = re.compile(r"(relu|swish|silu|gelu|mish|elu|hardtanh)", re.IGNORECASE)
 
@@ -120,11 +141,15 @@ class BackpropModifier(TorchFunctionMode):
         super().__init__()
         self.rule = rule
         self.seen = 0
+        self.unmodified: dict[str, int] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         builder = ACTIVATIONS.get(func)
-        if builder is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
+        tracked = bool(args) and isinstance(args[0], torch.Tensor) and args[0].requires_grad
+        if builder is None or not tracked:
+            if tracked and func in UNMODIFIED:
+                self.unmodified[UNMODIFIED[func]] = self.unmodified.get(UNMODIFIED[func], 0) + 1
             return func(*args, **kwargs)
         function, derivative = builder(args, kwargs)
         self.seen += 1
@@ -167,6 +192,14 @@ def modified_backprop(model: nn.Module, rule: str) -> Iterator[BackpropModifier]
         warnings.warn(
             f"{rule} backprop could not modify these activation modules, which keep their plain gradient: {listed} "
             "(a custom autograd.Function or arithmetic, not a torch activation call)",
+            CnnscopeWarning,
+            stacklevel=3,
+        )
+    if mode.unmodified:
+        listed = ", ".join(f"{name} ({count} call{'s' * (count > 1)})" for name, count in mode.unmodified.items())
+        warnings.warn(
+            f"{rule} backprop leaves these activation calls on their plain gradient: {listed} "
+            "(gates such as squeeze-excitation sigmoids have no guided rule in the papers)",
             CnnscopeWarning,
             stacklevel=3,
         )

@@ -2,137 +2,232 @@
 
 They need no gradients and no layers, so they work on any :class:`~cnnscope.models.Model`, including
 one wrapping a plain function from images to scores (``load_model(function, ...)``: an ONNX Runtime
-session, a Keras model, a remote service). Perturbed images are scored under ``inference_mode`` in
-passes of ``images_per_pass`` (default: the allocator-friendly size of :func:`auto_images_per_pass`),
-with a progress line after a second (``quiet=True`` silences it) and ``max_seconds`` to stop early:
-what was computed is returned, with ``stats["stopped_early"]`` set.
+session, a Keras model, a remote service).
+
+One loop, in :class:`PerturbationMethod`, serves them all: the unperturbed images are run first (their
+outputs resolve the targets and give the reported probabilities, exactly as for every other method);
+then, image by image, the method makes its perturbed inputs, which are scored under
+``inference_mode`` in passes of ``inputs_per_pass``, with a progress line after a second (``quiet``
+silences it) and ``max_seconds`` to stop early (what was computed is returned, with
+``stats["stopped_early"]`` set). A method only says how to perturb and how to read the scores, in four
+steps over a :class:`Perturbed` record of one image:
+
+- ``start(run)``: set ``run.total`` (perturbations planned) and anything the other steps share;
+- ``make(run, start, stop)``: the model inputs of perturbations ``start`` to ``stop``;
+- ``take(run, start, scores)``: record their (n, classes) scores (``run.picked(scores)`` gives the
+  targets' columns); return True once more perturbations would change nothing;
+- ``finish(run)``: set ``run.maps`` (K, H, W) and any per-image figures in ``run.extra``.
+
+Scores are the model's probabilities (softmax, multi-label sigmoid, or the outputs of a model that
+outputs probabilities) unless a method's ``score_kind`` says ``"logit"``.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from typing import ClassVar
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import InputError, MethodError
+from ..errors import CnnscopeWarning, InputError, MethodError
 from ..io import load_labels
+from ..models.labels import short_name
+from ..options import Option, Options, anything, choice, flag, integer, number
 from ..progress import Progress
-from .base import Computed, Method, auto_images_per_pass, register_method
-from .gradient import gaussian_blur
+from .base import INPUTS_PER_PASS, MAX_NOTES, Computed, Method, auto_images_per_pass, register_method
+from .gradient import SEED, gaussian_blur
 
 FILLS = ("grey", "mean", "blur", "zero", "noise")
 
 
-class PerturbationMethod(Method):
-    """Shared parts: scoring batches of perturbed inputs, fills, progress and early stop."""
+@dataclass
+class Perturbed:
+    """One image's perturbation run: ``image`` (1, C, H, W) model input, ``targets`` (K,) class indices
+    (-1: none), ``base`` (K,) their unperturbed scores. The method's steps fill ``total``, ``maps`` and
+    ``extra`` and may keep their own state in ``state``."""
 
-    options: ClassVar[dict[str, object]] = {
-        "images_per_pass": None,
-        "quiet": False,
-        "max_seconds": None,
-        "precision": "fp32",
-    }
+    image: torch.Tensor
+    targets: torch.Tensor
+    base: torch.Tensor
+    index: int
+    count: int
+    total: int = 0
+    maps: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    done: int = 0
+
+    def picked(self, scores: torch.Tensor) -> torch.Tensor:
+        """The targets' columns of (n, classes) scores: (n, K)."""
+        return scores[:, self.targets.clamp_min(0)]
+
+
+class PerturbationMethod(Method):
+    """The shared loop (see the module docstring); subclasses implement the four steps."""
+
+    options: ClassVar[Options] = Options(
+        inputs_per_pass=INPUTS_PER_PASS,
+        quiet=flag(False, "no progress line"),
+        max_seconds=number(None, "stop after this many seconds and return what was computed", low=0, high=1e6),
+        precision=choice(
+            "fp32", ("fp32", "bf16"), "bf16 scores perturbed images about 2x faster where the CPU has bf16 (checked)"
+        ),
+    )
     #: Largest difference in any class probability, on the unperturbed images, that lets bf16 be used.
     BF16_TOLERANCE: ClassVar[float] = 0.02
-    #: "probability" (softmax or sigmoid of the model) or "logit".
-    score_kind: ClassVar[str] = "probability"
 
-    def per_pass(self) -> int:
-        return int(self.config.get("images_per_pass") or auto_images_per_pass(self.model))
+    # -- the four steps ------------------------------------------------------------------------------
+    def start(self, run: Perturbed) -> None:
+        raise NotImplementedError
 
-    def scores(self, inputs: torch.Tensor, kind: str, *, precision: str | None = None) -> torch.Tensor:
-        """(N, C) scores of model-input tensors, in passes, without gradients."""
-        precision = precision or self._precision
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, inputs.shape[0], self.per_pass()):
-                # channels-last input: 10% faster per image at passes of 5 on the default model, 35% at 16
-                chunk = inputs[start : start + self.per_pass()].contiguous(memory_format=torch.channels_last)
-                if precision == "bf16":
-                    with torch.autocast(chunk.device.type, dtype=torch.bfloat16):
-                        logits = self.model.module(chunk).float()
-                else:
-                    logits = self.model.module(chunk)
-                outputs.append(self.model.probabilities(logits) if kind == "probability" else logits)
-        return torch.cat(outputs)
+    def make(self, run: Perturbed, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
 
-    @property
-    def _call(self) -> threading.local:
-        """State of the call in progress, per thread: one method object may serve several threads."""
-        return self.__dict__.setdefault("_call_state", threading.local())
+    def take(self, run: Perturbed, start: int, scores: torch.Tensor) -> bool | None:
+        raise NotImplementedError
 
-    @property
-    def _precision(self) -> str:
-        return getattr(self._call, "precision", "fp32")
+    def finish(self, run: Perturbed) -> None:
+        raise NotImplementedError
 
-    @_precision.setter
-    def _precision(self, value: str) -> None:
-        self._call.precision = value
+    def score_kind(self) -> str:
+        """``"probability"`` or ``"logit"``: what the perturbed images' scores are."""
+        return "probability"
 
-    def base_scores(self, batch: torch.Tensor, kind: str) -> torch.Tensor:
-        """Unperturbed scores image by image, so an image's map does not depend on its batch mates
-        (a batch of N changes the convolution's summation order, and score drops are small differences).
+    def estimated_work(self, targets: int = 1) -> int:
+        """The unperturbed pass and every perturbation (their number from ``start`` on a blank input)."""
+        channels, (height, width) = self.model.preprocess.channels, self.model.preprocess.size
+        blank = torch.zeros(1, channels, height, width)
+        run = Perturbed(blank, torch.zeros(targets, dtype=torch.long), torch.zeros(targets), 0, 1)
+        self.start(run)
+        return 1 + run.total
 
-        With ``precision="bf16"`` (about 2x faster on CPUs with bf16 instructions) the unperturbed images
-        are also scored in bf16 and compared with fp32: if any class probability moves by more than
-        ``BF16_TOLERANCE`` the call falls back to fp32 with a warning. The fp32 scores are the reference
-        either way."""
-        precision = str(self.config.get("precision", "fp32"))
-        if precision not in ("fp32", "bf16"):
-            raise MethodError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-        reference = torch.cat([self.scores(batch[b : b + 1], kind, precision="fp32") for b in range(batch.shape[0])])
-        self._precision = "fp32"
-        if precision == "bf16":
-            reduced = torch.cat(
-                [self.scores(batch[b : b + 1], "probability", precision="bf16") for b in range(batch.shape[0])]
-            )
-            exact = reference if kind == "probability" else self.model.probabilities(reference)
-            gap = float((reduced - exact).abs().max())
-            if gap > self.BF16_TOLERANCE:
-                import warnings
+    def is_signed(self) -> bool:
+        return True
 
-                from ..errors import CnnscopeWarning
-
-                warnings.warn(
-                    f"{self.name}: bf16 moves a class probability by {gap:.3f} on these images "
-                    f"(more than {self.BF16_TOLERANCE}); using fp32",
-                    CnnscopeWarning,
-                    stacklevel=4,
-                )
-            else:
-                self._precision = "bf16"
-        return reference
-
-    def _precision_used(self, rows: torch.Tensor) -> dict:
-        return {"precision": [self._precision] * rows.shape[0]}
-
-    def finish(
-        self, maps: torch.Tensor, base: torch.Tensor, kind: str, targets: torch.Tensor, forwards: int, **extra
-    ) -> Computed:
-        """Zero the maps of padded targets and pack the result with the precision that was used."""
-        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
-        return Computed(
-            raw=maps,
-            logits=_as_logits(base, kind),
-            targets=targets,
-            forwards=forwards,
-            extra={**extra, **self._precision_used(targets)},
+    # -- the loop ------------------------------------------------------------------------------------
+    def compute(self, batch: torch.Tensor, resolve) -> Computed:
+        kind = self.score_kind()
+        outputs, precision = self._unperturbed(batch)
+        targets = resolve(outputs)
+        base = self.as_scores(outputs, kind)
+        runs = [
+            Perturbed(batch[b : b + 1], targets[b], base[b, targets[b].clamp_min(0)], b, batch.shape[0])
+            for b in range(batch.shape[0])
+        ]
+        for run in runs:
+            self.start(run)
+        progress = Progress(
+            sum(run.total for run in runs),
+            self.name,
+            quiet=bool(self.config["quiet"]),
+            max_seconds=self.config["max_seconds"],
         )
+        per = int(self.config["inputs_per_pass"] or auto_images_per_pass(self.model))
+        forwards, stopped, notes = batch.shape[0], False, []
+        for run in runs:
+            low = high = run.base.clone()
+            while not stopped and run.done < run.total:
+                stop = min(run.total, run.done + per)
+                scores = self.scores(self.make(run, run.done, stop), kind, precision=precision)
+                forwards += 1
+                picked = run.picked(scores)
+                low, high = torch.minimum(low, picked.amin(0)), torch.maximum(high, picked.amax(0))
+                settled = self.take(run, run.done, scores)
+                progress.update(stop - run.done)
+                run.done = stop
+                stopped = progress.should_stop()
+                if settled:
+                    break
+            run.extra["stopped_early"] = stopped and run.done < run.total
+            self.finish(run)
+            notes += self._constant_notes(run, high - low)
+        progress.close()
+        maps = torch.stack([run.maps for run in runs]).float()
+        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
+        extra = {key: [run.extra[key] for run in runs] for key in runs[0].extra}
+        extra["precision"] = [precision] * batch.shape[0]
+        return Computed(raw=maps, logits=outputs, targets=targets, forwards=forwards, notes=notes, extra=extra)
 
+    def _constant_notes(self, run: Perturbed, spread: torch.Tensor) -> list[tuple[int, str]]:
+        """The blank-image trap: the target's score never moved, so the map says nothing."""
+        if run.done == 0:
+            return []
+        still = [int(t) for t, s in zip(run.targets.tolist(), spread.tolist(), strict=True) if t >= 0 and s <= 1e-7]
+        return [
+            (
+                run.index,
+                f"the {self.name} map of '{short_name(self.model.labels[t])}' is constant: its score never moved "
+                "under these perturbations (a blank or noise image, or a region size that misses the evidence)",
+            )
+            for t in still[:MAX_NOTES]
+        ]
+
+    # -- scoring -------------------------------------------------------------------------------------
+    def as_scores(self, outputs: torch.Tensor, kind: str) -> torch.Tensor:
+        """The model's raw outputs as scores of ``kind``."""
+        return self.model.probabilities(outputs) if kind == "probability" else outputs
+
+    def scores(self, inputs: torch.Tensor, kind: str, *, precision: str = "fp32") -> torch.Tensor:
+        """(N, C) scores of model-input tensors, in one pass without gradients."""
+        # channels-last input: 10% faster per image at passes of 5 on the default model, 35% at 16
+        chunk = inputs.contiguous(memory_format=torch.channels_last) if inputs.ndim == 4 else inputs
+        with torch.inference_mode():
+            if precision == "bf16":
+                with torch.autocast(chunk.device.type, dtype=torch.bfloat16):
+                    outputs = self.model(chunk).float()
+            else:
+                outputs = self.model(chunk)
+        return self.as_scores(outputs, kind)
+
+    def _unperturbed(self, batch: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """The raw outputs of the unperturbed images, image by image (so an image's map does not depend
+        on its batch mates: a batch of N changes the convolution's summation order, and score drops are
+        small differences), and the precision the perturbed images are scored in.
+
+        With ``precision="bf16"`` the unperturbed images are also scored in bf16 and compared with
+        fp32: if any class probability moves by more than ``BF16_TOLERANCE`` the call falls back to fp32
+        with a warning. The fp32 outputs are the reference either way."""
+        with torch.inference_mode():
+            outputs = torch.cat([self.model(batch[b : b + 1]) for b in range(batch.shape[0])])
+        if self.config["precision"] != "bf16":
+            return outputs, "fp32"
+        if not bf16_is_fast(batch.device):
+            warnings.warn(
+                f"{self.name}: this CPU has no bf16 instructions (AVX512-BF16 or AMX), where bf16 runs several "
+                "times slower than fp32; using fp32",
+                CnnscopeWarning,
+                stacklevel=5,
+            )
+            return outputs, "fp32"
+        reduced = torch.cat(
+            [self.scores(batch[b : b + 1], "probability", precision="bf16") for b in range(batch.shape[0])]
+        )
+        gap = float((reduced - self.model.probabilities(outputs)).abs().max())
+        if gap > self.BF16_TOLERANCE:
+            warnings.warn(
+                f"{self.name}: bf16 moves a class probability by {gap:.3f} on these images "
+                f"(more than {self.BF16_TOLERANCE}); using fp32",
+                CnnscopeWarning,
+                stacklevel=5,
+            )
+            return outputs, "fp32"
+        return outputs, "bf16"
+
+    # -- helpers for the steps -----------------------------------------------------------------------
     def pixels(self, batch: torch.Tensor) -> torch.Tensor:
-        """Model input -> [0, 1] RGB (the inverse of the normalization)."""
+        """Model input -> [0, 1] pixels (the inverse of the normalization)."""
         return self.model.preprocess.unnormalize(batch)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.preprocess.normalize(pixels)
 
     def fill_for(self, image: torch.Tensor, fill: str, generator: torch.Generator) -> torch.Tensor:
-        """What an occluded pixel becomes, in model-input space, for one (1, 3, H, W) image."""
+        """What an occluded pixel becomes, in model-input space, for one (1, C, H, W) image."""
         pixels = self.pixels(image)
         if fill == "grey":
             return self.normalize(torch.full_like(pixels, 0.5))
@@ -142,88 +237,16 @@ class PerturbationMethod(Method):
             return gaussian_blur(image, max(1.0, image.shape[-1] / 32))
         if fill == "zero":
             return torch.zeros_like(image)
-        if fill == "noise":
-            return self.normalize(torch.rand(pixels.shape, generator=generator).to(pixels))
-        raise MethodError(f"unknown fill {fill!r}; choose one of {', '.join(FILLS)}")
+        return self.normalize(torch.rand(pixels.shape, generator=generator).to(pixels))
 
 
-@register_method("occlusion")
-class Occlusion(PerturbationMethod):
-    """Occlusion sensitivity (Zeiler & Fergus 2014; MATLAB's ``occlusionSensitivity``): slide a
-    ``window`` x ``window`` patch with ``stride`` over the image, fill it (``fill``: grey, mean colour,
-    blur, zero in model-input space as Captum's default baseline, or seeded noise) and record how much
-    the target's score drops (``score``: probability or logit). Each pixel gets the average drop over
-    the patches covering it, so the map is at the input's resolution. ``stats["winners"]`` holds, per
-    image, the (rows, columns) grid of the class that wins when each patch is occluded.
-    With ``fill="zero"`` and ``score="logit"`` it is Captum's ``Occlusion`` (baselines 0)."""
-
-    summary = "score drop when a sliding patch is occluded (Zeiler & Fergus 2014)"
-    options: ClassVar[dict[str, object]] = {
-        **PerturbationMethod.options,
-        "window": 32,
-        "stride": 16,
-        "fill": "grey",
-        "score": "probability",
-        "seed": 0,
-    }
-
-    def compute(self, batch: torch.Tensor, resolve) -> Computed:
-        window, stride = int(self.config["window"]), int(self.config["stride"])
-        kind = str(self.config["score"])
-        if kind not in ("probability", "logit"):
-            raise MethodError("score must be 'probability' or 'logit'")
-        height, width = batch.shape[-2:]
-        if not (1 <= window <= min(height, width)) or stride < 1:
-            raise MethodError(f"window must be 1 to {min(height, width)} pixels and stride at least 1")
-        ys = _positions(height, window, stride)
-        xs = _positions(width, window, stride)
-        base = self.base_scores(batch, kind)
-        targets = resolve(self.model.probabilities(base) if kind == "logit" else base)
-        progress = Progress(
-            batch.shape[0] * len(ys) * len(xs),
-            "occlusion",
-            quiet=bool(self.config["quiet"]),
-            max_seconds=self.config["max_seconds"],
-        )
-        maps = torch.zeros((batch.shape[0], targets.shape[1], height, width), device=batch.device)
-        counts = torch.zeros((height, width), device=batch.device)
-        winners, forwards, stopped = [], batch.shape[0], False
-        positions = [(y, x) for y in ys for x in xs]
-        for y, x in positions:
-            counts[y : y + window, x : x + window] += 1
-        generator = torch.Generator().manual_seed(int(self.config["seed"]))
-        for b in range(batch.shape[0]):
-            image = batch[b : b + 1]
-            fill = self.fill_for(image, str(self.config["fill"]), generator)
-            safe = targets[b].clamp_min(0)
-            winner = torch.full((len(ys), len(xs)), -1, dtype=torch.long)
-            per = self.per_pass()
-            for start in range(0, len(positions), per):
-                chunk = positions[start : start + per]
-                occluded = image.repeat(len(chunk), 1, 1, 1)
-                for row, (y, x) in enumerate(chunk):
-                    occluded[row, :, y : y + window, x : x + window] = fill[0, :, y : y + window, x : x + window]
-                scores = self.scores(occluded, kind)
-                forwards += math.ceil(len(chunk) / per)
-                drops = base[b, safe] - scores[:, safe]  # (n, K)
-                for row, (y, x) in enumerate(chunk):
-                    maps[b, :, y : y + window, x : x + window] += drops[row][:, None, None]
-                    winner[ys.index(y), xs.index(x)] = int(scores[row].argmax())
-                progress.update(len(chunk))
-                if progress.should_stop():
-                    stopped = True
-                    break
-            winners.append(winner.tolist())
-            if stopped:
-                break
-        progress.close()
-        maps = maps / counts.clamp_min(1)
-        return self.finish(
-            maps, base, kind, targets, forwards, winners=winners, stopped_early=[stopped] * batch.shape[0]
-        )
-
-    def is_signed(self) -> bool:
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 is faster than fp32 here: on a GPU, or a CPU with AVX512-BF16 or AMX instructions (where
+    a bf16 pass took about half the fp32 time); elsewhere bf16 is emulated and several times slower."""
+    if device.type != "cpu":
         return True
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def _positions(size: int, window: int, stride: int) -> list[int]:
@@ -234,9 +257,66 @@ def _positions(size: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def _as_logits(scores: torch.Tensor, kind: str) -> torch.Tensor:
-    """Scores in logit form for the Explanation (probabilities -> log, which softmax inverts)."""
-    return scores if kind == "logit" else scores.clamp_min(1e-12).log()
+@register_method("occlusion")
+class Occlusion(PerturbationMethod):
+    """Occlusion sensitivity (Zeiler & Fergus 2014; MATLAB's ``occlusionSensitivity``): slide a
+    ``window`` x ``window`` patch with ``stride`` over the image, fill it (``fill``: grey, mean colour,
+    blur, zero in model-input space as Captum's default baseline, or seeded noise) and record how much
+    the target's score drops (``score``: probability or logit). Each pixel gets the average drop over
+    the patches covering it, so the map is at the input's resolution. ``stats["winners"]`` holds, per
+    image, the (rows, columns) grid of the class that wins when each patch is occluded (-1 where the run
+    stopped early). With ``fill="zero"`` and ``score="logit"`` it is Captum's ``Occlusion`` (baselines 0)."""
+
+    summary = "score drop when a sliding patch is occluded (Zeiler & Fergus 2014)"
+    options: ClassVar[Options] = PerturbationMethod.options | Options(
+        window=integer(32, "side of the occluding patch, in model-input pixels", low=1, high=4096),
+        stride=integer(16, "step between patches, in pixels", low=1, high=4096),
+        fill=choice("grey", FILLS, "what the patch holds"),
+        score=choice("probability", ("probability", "logit"), "the score whose drop is mapped"),
+        seed=SEED,
+    )
+
+    def score_kind(self) -> str:
+        return str(self.config["score"])
+
+    def start(self, run: Perturbed) -> None:
+        window, stride = int(self.config["window"]), int(self.config["stride"])
+        height, width = run.image.shape[-2:]
+        if window > min(height, width):
+            raise MethodError(f"window must be 1 to {min(height, width)} pixels for a {height}x{width} input")
+        ys, xs = _positions(height, window, stride), _positions(width, window, stride)
+        generator = torch.Generator().manual_seed(int(self.config["seed"]))
+        run.total = len(ys) * len(xs)
+        run.state.update(
+            positions=[(y, x) for y in ys for x in xs],
+            columns=len(xs),
+            fill=self.fill_for(run.image, str(self.config["fill"]), generator),
+            sums=torch.zeros((len(run.targets), height, width), device=run.image.device),
+            counts=torch.zeros((height, width), device=run.image.device),
+            winners=torch.full((len(ys) * len(xs),), -1, dtype=torch.long),
+        )
+
+    def make(self, run, start, stop):
+        window, fill = int(self.config["window"]), run.state["fill"]
+        occluded = run.image.repeat(stop - start, 1, 1, 1)
+        for row, (y, x) in enumerate(run.state["positions"][start:stop]):
+            occluded[row, :, y : y + window, x : x + window] = fill[0, :, y : y + window, x : x + window]
+        return occluded
+
+    def take(self, run, start, scores):
+        window, state = int(self.config["window"]), run.state
+        drops = run.base - run.picked(scores)  # (n, K)
+        for row, (y, x) in enumerate(state["positions"][start : start + len(scores)]):
+            state["sums"][:, y : y + window, x : x + window] += drops[row][:, None, None]
+        state["winners"][start : start + len(scores)] = scores.argmax(dim=1).cpu()
+
+    def finish(self, run):
+        window = int(self.config["window"])
+        counts = run.state["counts"]
+        for y, x in run.state["positions"]:  # every patch, so a stopped run keeps the same scale
+            counts[y : y + window, x : x + window] += 1
+        run.maps = run.state["sums"] / counts.clamp_min(1)
+        run.extra["winners"] = run.state["winners"].view(-1, run.state["columns"]).tolist()
 
 
 @register_method("rise")
@@ -247,13 +327,15 @@ class RISE(PerturbationMethod):
     weighted by the target's probability: S = 1 / (N keep) sum_i p(x * M_i) M_i. Seeded."""
 
     summary = "randomized input sampling: probability-weighted random masks (Petsiuk et al. 2018)"
-    options: ClassVar[dict[str, object]] = {
-        **PerturbationMethod.options,
-        "masks": 4000,
-        "cells": 7,
-        "keep": 0.5,
-        "seed": 0,
-    }
+    options: ClassVar[Options] = PerturbationMethod.options | Options(
+        masks=integer(4000, "random masks", low=1, high=100_000),
+        cells=integer(7, "cells per side of a mask's grid", low=1, high=64),
+        keep=number(0.5, "probability that a cell is kept", above=0, high=1),
+        seed=SEED,
+    )
+
+    def is_signed(self) -> bool:
+        return False
 
     def masks_for(self, count: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
         cells, keep = int(self.config["cells"]), float(self.config["keep"])
@@ -266,60 +348,64 @@ class RISE(PerturbationMethod):
         dx = torch.randint(0, cell_w, (count,), generator=generator)
         return torch.stack([up[i, :, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(count)])
 
-    def compute(self, batch: torch.Tensor, resolve) -> Computed:
-        count = int(self.config["masks"])
-        if count < 1 or not 0 < float(self.config["keep"]) <= 1 or int(self.config["cells"]) < 1:
-            raise MethodError("rise needs masks >= 1, cells >= 1 and 0 < keep <= 1")
-        height, width = batch.shape[-2:]
-        base = self.base_scores(batch, "probability")
-        targets = resolve(base)
-        maps = torch.zeros((batch.shape[0], targets.shape[1], height, width), device=batch.device)
-        progress = Progress(
-            batch.shape[0] * count, "rise", quiet=bool(self.config["quiet"]), max_seconds=self.config["max_seconds"]
+    def start(self, run):
+        run.total = int(self.config["masks"])
+        run.state.update(
+            pixels=self.pixels(run.image),
+            generator=torch.Generator().manual_seed(int(self.config["seed"])),  # same masks alone or in a batch
+            sums=torch.zeros((len(run.targets), *run.image.shape[-2:]), device=run.image.device),
         )
-        forwards, used, stopped = batch.shape[0], [0] * batch.shape[0], False
-        per = self.per_pass()
-        for b in range(batch.shape[0]):
-            pixels = self.pixels(batch[b : b + 1])
-            safe = targets[b].clamp_min(0)
-            local = torch.Generator().manual_seed(int(self.config["seed"]))  # same masks alone or in a batch
-            for start in range(0, count, per):
-                masks = self.masks_for(min(per, count - start), height, width, local).to(batch.device)
-                scores = self.scores(self.normalize(pixels * masks), "probability")[:, safe]  # (n, K)
-                forwards += 1
-                maps[b] += torch.einsum("nk,nhw->khw", scores, masks[:, 0])
-                used[b] += masks.shape[0]
-                progress.update(masks.shape[0])
-                if progress.should_stop():
-                    stopped = True
-                    break
-            if stopped:
-                break
-        progress.close()
-        scale = torch.tensor([max(1, u) for u in used], dtype=maps.dtype, device=maps.device).view(-1, 1, 1, 1)
-        maps = maps / (scale * float(self.config["keep"]))
-        return self.finish(
-            maps, base, "probability", targets, forwards, masks_used=used, stopped_early=[stopped] * batch.shape[0]
-        )
+
+    def make(self, run, start, stop):
+        height, width = run.image.shape[-2:]
+        masks = self.masks_for(stop - start, height, width, run.state["generator"]).to(run.image.device)
+        run.state["masks"] = masks
+        return self.normalize(run.state["pixels"] * masks)
+
+    def take(self, run, start, scores):
+        run.state["sums"] += torch.einsum("nk,nhw->khw", run.picked(scores), run.state.pop("masks")[:, 0])
+
+    def finish(self, run):
+        run.maps = run.state["sums"] / (max(1, run.done) * float(self.config["keep"]))
+        run.extra["masks_used"] = run.done
 
 
 SEGMENTATIONS = ("slic", "quickshift", "felzenszwalb")
+SEGMENTATION_DEFAULTS = {
+    "slic": {"compactness": 10},
+    "quickshift": {"kernel_size": 4, "max_dist": 200, "ratio": 0.2},
+    "felzenszwalb": {"scale": 100, "sigma": 0.5, "min_size": 50},
+}
 
 
 def superpixels(pixels: np.ndarray, how: str, segments: int, options: dict) -> np.ndarray:
     """(H, W) labels 0..S-1 of scikit-image superpixels on an (H, W, 3) [0, 1] image."""
     from skimage import segmentation
 
-    if how == "slic":
-        labels = segmentation.slic(pixels, n_segments=segments, start_label=0, **{"compactness": 10, **options})
-    elif how == "quickshift":
-        labels = segmentation.quickshift(pixels, **{"kernel_size": 4, "max_dist": 200, "ratio": 0.2, **options})
-    elif how == "felzenszwalb":
-        labels = segmentation.felzenszwalb(pixels, **{"scale": 100, "sigma": 0.5, "min_size": 50, **options})
-    else:
+    if how not in SEGMENTATIONS:
         raise MethodError(f"unknown segmentation {how!r}; choose one of {', '.join(SEGMENTATIONS)}")
+    settings = {**SEGMENTATION_DEFAULTS[how], **options}
+    try:
+        if how == "slic":
+            labels = segmentation.slic(pixels, n_segments=segments, start_label=0, **settings)
+        elif how == "quickshift":
+            labels = segmentation.quickshift(pixels, **settings)
+        else:
+            labels = segmentation.felzenszwalb(pixels, **settings)
+    except TypeError as exc:
+        raise MethodError(f"segmentation_options for {how}: {exc}") from None
     _, dense = np.unique(labels, return_inverse=True)
     return dense.reshape(labels.shape)
+
+
+def _segmentation_options(value: Any) -> dict:
+    """A dict of keyword arguments for the scikit-image segmentation, with numbers, words or booleans."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError('give a JSON object of keyword arguments, e.g. {"compactness": 20}')
+    for key, item in value.items():
+        if not isinstance(item, (int, float, str, bool)) or key.startswith("_"):
+            raise ValueError(f"{key!r} must be a number, a word or true/false")
+    return dict(value)
 
 
 def weighted_ridge(features: np.ndarray, targets: np.ndarray, weights: np.ndarray, alpha: float):
@@ -377,26 +463,30 @@ class LIME(PerturbationMethod):
     ``top_positive`` and ``top_negative`` then name your labels."""
 
     summary = "local linear surrogate over superpixels (Ribeiro et al. 2016), seeded"
-    options: ClassVar[dict[str, object]] = {
-        **PerturbationMethod.options,
-        "samples": 1000,
-        "segmentation": "slic",
-        "segments": 50,
-        "segmentation_options": None,
-        "fill": "mean",
-        "kernel_width": 0.25,
-        "alpha": 1.0,
-        "seed": 0,
-        "converge": False,
-        "min_samples": 300,
-        "top": 5,
-        "sampling": "paired",
-        "feature_mask": None,
-    }
-    file_options: ClassVar[tuple[str, ...]] = ("feature_mask",)
-
-    def is_signed(self) -> bool:
-        return True
+    options: ClassVar[Options] = PerturbationMethod.options | Options(
+        samples=integer(1000, "perturbed images the surrogate is fitted on", low=2, high=100_000),
+        segmentation=choice("slic", SEGMENTATIONS, "the scikit-image superpixel algorithm"),
+        segments=integer(50, "superpixels asked of slic", low=2, high=5000),
+        segmentation_options=anything(
+            None, "keyword arguments of the segmentation, a JSON object (e.g. compactness)", _segmentation_options
+        ),
+        fill=choice("mean", ("mean", "grey", "blur", "zero"), "what a switched-off superpixel becomes"),
+        kernel_width=number(0.25, "width of the proximity kernel on the cosine distance", above=0, high=100),
+        alpha=number(1.0, "ridge penalty of the surrogate", low=0, high=1e6),
+        seed=SEED,
+        converge=flag(False, "stop sampling once the top superpixels are settled"),
+        min_samples=integer(300, "samples before converge may stop", low=2, high=100_000),
+        top=integer(5, "superpixels named in top_positive / top_negative", low=1, high=1000),
+        sampling=choice("paired", ("paired", "independent"), "antithetic pairs, or independent draws"),
+        feature_mask=Option(
+            "object",
+            None,
+            "your own regions instead of superpixels: a label array, a label image file, or one per image",
+            optional=True,
+            web=False,
+            reads_files=True,
+        ),
+    )
 
     def _regions(self, pixels: np.ndarray, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(H, W) labels 0..S-1 of image ``index`` of ``count`` at the input size, and the S region ids
@@ -431,49 +521,14 @@ class LIME(PerturbationMethod):
         present = np.unique(dense)  # a region too small to survive the resize has no pixels left
         return np.searchsorted(present, dense), ids[present]
 
-    def compute(self, batch: torch.Tensor, resolve) -> Computed:
-        base = self.base_scores(batch, "probability")
-        targets = resolve(base)
-        height, width = batch.shape[-2:]
-        maps = torch.zeros((batch.shape[0], targets.shape[1], height, width), device=batch.device)
-        extra = {
-            "r2": [],
-            "top_positive": [],
-            "top_negative": [],
-            "samples_used": [],
-            "stopped_early": [],
-        }
-        forwards = batch.shape[0]
-        progress = Progress(
-            batch.shape[0] * int(self.config["samples"]),
-            "lime",
-            quiet=bool(self.config["quiet"]),
-            max_seconds=self.config["max_seconds"],
-        )
-        for b in range(batch.shape[0]):
-            pixels = self.pixels(batch[b : b + 1])[0].permute(1, 2, 0).cpu().numpy().astype(np.float64)
-            labels, ids = self._regions(pixels, b, batch.shape[0])
-            coefficients, r2, used, passes, stopped = self._explain_one(batch[b : b + 1], labels, targets[b], progress)
-            forwards += passes
-            maps[b] = torch.from_numpy(coefficients.T[:, labels]).float().to(batch.device)
-            top = int(self.config["top"])
-            extra["r2"].append([float(v) for v in r2])
-            extra["top_positive"].append(
-                [ids[np.argsort(-coefficients[:, k])[:top]].tolist() for k in range(coefficients.shape[1])]
-            )
-            extra["top_negative"].append(
-                [ids[np.argsort(coefficients[:, k])[:top]].tolist() for k in range(coefficients.shape[1])]
-            )
-            extra["samples_used"].append(used)
-            extra["stopped_early"].append(stopped)
-        progress.close()
-        return self.finish(maps, base, "probability", targets, forwards, **extra)
-
-    def _explain_one(self, image: torch.Tensor, labels: np.ndarray, targets: torch.Tensor, progress: Progress):
+    def start(self, run):
+        image = run.image
+        pixels = self.pixels(image)[0].permute(1, 2, 0).cpu().numpy().astype(np.float64)
+        labels, ids = self._regions(pixels, run.index, run.count)
         count = int(labels.max()) + 1
         label_tensor = torch.from_numpy(labels).to(image.device)
         if self.config["fill"] == "mean":
-            sums = torch.zeros((count, 3), dtype=image.dtype, device=image.device)
+            sums = torch.zeros((count, image.shape[1]), dtype=image.dtype, device=image.device)
             sums.index_add_(0, label_tensor.flatten(), image[0].flatten(1).T)
             sizes = torch.bincount(label_tensor.flatten(), minlength=count).clamp_min(1)
             fill = (sums / sizes[:, None])[label_tensor].permute(2, 0, 1).unsqueeze(0)
@@ -483,8 +538,6 @@ class LIME(PerturbationMethod):
             )
         generator = np.random.default_rng(int(self.config["seed"]))
         total = int(self.config["samples"])
-        if self.config["sampling"] not in ("paired", "independent"):
-            raise MethodError(f"sampling must be 'paired' or 'independent', got {self.config['sampling']!r}")
         if self.config["sampling"] == "paired":
             # each random on/off pattern is followed by its complement (antithetic sampling)
             half = generator.integers(0, 2, size=(-(-total // 2), count)).astype(np.float64)
@@ -493,30 +546,49 @@ class LIME(PerturbationMethod):
         else:
             switches = generator.integers(0, 2, size=(total, count)).astype(np.float64)
             switches[0] = 1.0  # the first sample is the image itself, as in the lime package
-        safe = targets.clamp_min(0)
-        scores = np.zeros((total, len(safe)))
-        per = self.per_pass()
-        used, passes, stopped = 0, 0, False
-        coefficients = np.zeros((count, len(safe)))
-        r2 = np.zeros(len(safe))
-        while used < total:
-            chunk = switches[used : used + max(per, 50)]
-            on = torch.from_numpy(chunk).float().to(image.device)[:, label_tensor]  # (n, H, W)
-            perturbed = torch.where(on[:, None] > 0, image, fill)
-            scores[used : used + len(chunk)] = self.scores(perturbed, "probability")[:, safe].cpu().numpy()
-            passes += -(-len(chunk) // per)
-            used += len(chunk)
-            progress.update(len(chunk))
-            if self.config["converge"] and used >= int(self.config["min_samples"]):
-                coefficients, r2, errors = self._fit(switches[:used], scores[:used])
-                if self._top_is_settled(coefficients, errors):
-                    break
-            if progress.should_stop():
-                stopped = True
-                break
-        if not self.config["converge"] or used >= total or stopped:
-            coefficients, r2, _ = self._fit(switches[:used], scores[:used])
-        return coefficients, r2, used, passes, stopped
+        run.total = total
+        run.state.update(
+            labels=labels,
+            ids=ids,
+            label_tensor=label_tensor,
+            fill=fill,
+            switches=switches,
+            scores=np.zeros((total, len(run.targets))),
+            fitted=None,
+        )
+
+    def make(self, run, start, stop):
+        on = torch.from_numpy(run.state["switches"][start:stop]).float().to(run.image.device)
+        on = on[:, run.state["label_tensor"]]  # (n, H, W)
+        return torch.where(on[:, None] > 0, run.image, run.state["fill"])
+
+    def take(self, run, start, scores):
+        state, stop = run.state, start + len(scores)
+        state["scores"][start:stop] = run.picked(scores).cpu().numpy()
+        # with converge, check every 50 samples once min_samples are in
+        if self.config["converge"] and stop >= int(self.config["min_samples"]) and stop // 50 > start // 50:
+            state["fitted"] = (stop, *self._fit(state["switches"][:stop], state["scores"][:stop]))
+            return self._top_is_settled(state["fitted"][1], state["fitted"][3])
+        return False
+
+    def finish(self, run):
+        state, used = run.state, run.done
+        if state["fitted"] is not None and state["fitted"][0] == used:
+            _, coefficients, r2, _ = state["fitted"]
+        elif used >= 2:
+            coefficients, r2, _ = self._fit(state["switches"][:used], state["scores"][:used])
+        else:  # stopped before two samples: nothing to fit
+            coefficients = np.zeros((state["switches"].shape[1], len(run.targets)))
+            r2 = np.full(len(run.targets), np.nan)
+        ids, top = state["ids"], int(self.config["top"])
+        run.maps = torch.from_numpy(coefficients.T[:, state["labels"]]).float().to(run.image.device)
+        run.extra["r2"] = [float(v) for v in r2]
+        run.extra["top_positive"] = [ids[np.argsort(-coefficients[:, k])[:top]].tolist() for k in range(len(r2))]
+        run.extra["top_negative"] = [ids[np.argsort(coefficients[:, k])[:top]].tolist() for k in range(len(r2))]
+        run.extra["samples_used"] = used
+
+    def estimated_work(self, targets: int = 1) -> int:
+        return 1 + int(self.config["samples"])
 
     def _fit(self, switches: np.ndarray, scores: np.ndarray):
         distances = 1.0 - (switches @ np.ones(switches.shape[1])) / (
@@ -551,42 +623,46 @@ class PatchScoring(PerturbationMethod):
     of each image's first target."""
 
     summary = "each patch classified on its own; the map is the target's probability per patch"
-    options: ClassVar[dict[str, object]] = {**PerturbationMethod.options, "grid": 4, "overlap": 0.0}
+    options: ClassVar[Options] = PerturbationMethod.options | Options(
+        grid=integer(4, "patches per side", low=1, high=64),
+        overlap=number(0.0, "overlap of neighbouring patches, as a fraction of a patch", low=0, below=1),
+    )
 
-    def compute(self, batch: torch.Tensor, resolve) -> Computed:
+    def is_signed(self) -> bool:
+        return False
+
+    def start(self, run):
         grid, overlap = int(self.config["grid"]), float(self.config["overlap"])
-        if grid < 1 or not 0 <= overlap < 1:
-            raise MethodError("patches needs grid >= 1 and 0 <= overlap < 1")
-        height, width = batch.shape[-2:]
+        height, width = run.image.shape[-2:]
         patch_h, patch_w = math.ceil(height / grid), math.ceil(width / grid)
-        step_h = max(1, round(patch_h * (1 - overlap)))
-        step_w = max(1, round(patch_w * (1 - overlap)))
-        ys, xs = _positions(height, patch_h, step_h), _positions(width, patch_w, step_w)
-        base = self.base_scores(batch, "probability")
-        targets = resolve(base)
-        maps = torch.zeros((batch.shape[0], targets.shape[1], height, width), device=batch.device)
-        counts = torch.zeros((height, width), device=batch.device)
-        for y in ys:
-            for x in xs:
-                counts[y : y + patch_h, x : x + patch_w] += 1
-        grids, forwards = [], batch.shape[0]
-        for b in range(batch.shape[0]):
-            crops = torch.cat(
-                [
-                    F.interpolate(
-                        batch[b : b + 1, :, y : y + patch_h, x : x + patch_w],
-                        size=(height, width),
-                        mode="bilinear",
-                        align_corners=False,
-                    )
-                    for y in ys
-                    for x in xs
-                ]
-            )
-            scores = self.scores(crops, "probability")[:, targets[b].clamp_min(0)]  # (patches, K)
-            forwards += math.ceil(crops.shape[0] / self.per_pass())
-            for index, (y, x) in enumerate((y, x) for y in ys for x in xs):
-                maps[b, :, y : y + patch_h, x : x + patch_w] += scores[index][:, None, None]
-            grids.append(scores[:, 0].view(len(ys), len(xs)).tolist())
-        maps = maps / counts.clamp_min(1)
-        return self.finish(maps, base, "probability", targets, forwards, patch_scores=grids)
+        ys = _positions(height, patch_h, max(1, round(patch_h * (1 - overlap))))
+        xs = _positions(width, patch_w, max(1, round(patch_w * (1 - overlap))))
+        run.total = len(ys) * len(xs)
+        run.state.update(
+            patches=[(y, x) for y in ys for x in xs],
+            size=(patch_h, patch_w),
+            columns=len(xs),
+            scores=torch.zeros((run.total, len(run.targets))),
+        )
+
+    def make(self, run, start, stop):
+        (patch_h, patch_w), size = run.state["size"], tuple(run.image.shape[-2:])
+        return torch.cat(
+            [
+                F.interpolate(run.image[:, :, y : y + patch_h, x : x + patch_w], size=size, mode="bilinear")
+                for y, x in run.state["patches"][start:stop]
+            ]
+        )
+
+    def take(self, run, start, scores):
+        run.state["scores"][start : start + len(scores)] = run.picked(scores).cpu()
+
+    def finish(self, run):
+        (patch_h, patch_w), height, width = run.state["size"], *run.image.shape[-2:]
+        sums = torch.zeros((len(run.targets), height, width))
+        counts = torch.zeros((height, width))
+        for (y, x), score in zip(run.state["patches"], run.state["scores"], strict=True):
+            sums[:, y : y + patch_h, x : x + patch_w] += score[:, None, None]
+            counts[y : y + patch_h, x : x + patch_w] += 1
+        run.maps = (sums / counts.clamp_min(1)).to(run.image.device)
+        run.extra["patch_scores"] = run.state["scores"][:, 0].view(-1, run.state["columns"]).tolist()

@@ -10,14 +10,21 @@ alone or in a batch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
 
 from .._registry import METHODS
-from ..errors import MethodError
-from .base import Computed, Method, auto_images_per_pass, register_method
-from .gradient import GradientMethod, reduce_channels
+from ..options import Options, choice, integer, number
+from ..progress import check_cancelled
+from .base import INPUTS_PER_PASS, Computed, Method, auto_images_per_pass, register_method
+from .gradient import REDUCE, SEED, GradientMethod, reduce_channels
+
+
+def gradient_methods() -> list[str]:
+    """The registered methods SmoothGrad can wrap (every gradient method, a user's too)."""
+    return [name for name, cls in METHODS.items() if issubclass(cls, GradientMethod)]
 
 
 @register_method("smoothgrad")
@@ -29,36 +36,34 @@ class SmoothGrad(Method):
     averaged per-channel attributions."""
 
     summary = "average of a gradient method over noisy copies (Smilkov et al. 2017)"
-    options: ClassVar[dict[str, object]] = {
-        "base": "saliency",
-        "samples": 25,
-        "noise": 0.15,
-        "seed": 0,
-        "reduce": None,
-        "copies_per_pass": None,
-    }
+    options: ClassVar[Options] = Options(
+        base=choice("saliency", gradient_methods, "the gradient method whose maps are averaged"),
+        samples=integer(25, "noisy copies averaged", low=1, high=10_000),
+        noise=number(0.15, "noise standard deviation, as a fraction of each image's value range", low=0, high=10),
+        seed=SEED,
+        reduce=dataclasses.replace(REDUCE, default=None, optional=True, help=REDUCE.help + " (default: the base's)"),
+        inputs_per_pass=INPUTS_PER_PASS,
+    )
 
     def __init__(self, model="efficientnet_lite0", *, layer=None, **options) -> None:
         super().__init__(model, layer=layer, **options)
-        base_cls = METHODS.get(str(self.config["base"]))
-        if not issubclass(base_cls, GradientMethod):
-            raise MethodError(f"smoothgrad wraps gradient methods; {self.config['base']!r} is not one")
         base_options = {"reduce": self.config["reduce"]} if self.config["reduce"] else {}
-        self.base = base_cls(self.model, **base_options)
-        if int(self.config["samples"]) < 1 or float(self.config["noise"]) < 0:
-            raise MethodError("smoothgrad needs samples >= 1 and noise >= 0")
+        self.base = METHODS.get(str(self.config["base"]))(self.model, **base_options)
 
     def is_signed(self) -> bool:
         return self.base.is_signed()
 
+    def estimated_work(self, targets: int = 1) -> int:
+        return 1 + int(self.config["samples"]) * self.base.estimated_work(targets)
+
     def compute(self, batch: torch.Tensor, resolve) -> Computed:
         samples = int(self.config["samples"])
         with torch.no_grad():
-            logits = self.model.module(batch)
+            logits = self.model(batch)
         targets = resolve(logits)
         spread = (batch.flatten(1).amax(dim=1) - batch.flatten(1).amin(dim=1)).view(-1, 1, 1, 1)
         sigma = float(self.config["noise"]) * spread
-        per_pass = int(self.config["copies_per_pass"] or auto_images_per_pass(self.model))
+        per_pass = int(self.config["inputs_per_pass"] or auto_images_per_pass(self.model))
         maps = channels = None
         forwards, backwards = 1, 0
         # every image draws its noise from its own generator seeded with ``seed``: an image gets the same
@@ -73,6 +78,7 @@ class SmoothGrad(Method):
             chunk = copies[start : start + per_pass]
             rows = torch.tensor([i for i, _ in chunk], device=batch.device)
             noisy = torch.cat([x for _, x in chunk])
+            check_cancelled()
             part = self.base.attributions(noisy, lambda _logits, r=rows: targets[r])
             forwards, backwards = forwards + part.forwards, backwards + part.backwards
             reduced = reduce_channels(part.channels, self.base.config["reduce"])

@@ -127,15 +127,20 @@ def check_batched_equals_single(
     rtol: float = 1e-4,
     atol: float = 1e-6,
 ) -> None:
-    """The maps of a batch equal the maps of each image explained alone."""
+    """The maps of a batch equal the maps of each image explained alone (the targets a batch pads with
+    -1 for images with fewer targets are left out of the comparison)."""
     together = method(inputs)
     for index in range(inputs.shape[0]):
         alone = method(inputs[index : index + 1])
-        assert torch.equal(together.targets[index], alone.targets[0]), f"image {index}: targets differ in a batch"
+        width = int((alone.targets[0] >= 0).sum())
+        batched_targets = together.targets[index]
+        assert torch.equal(batched_targets[:width], alone.targets[0, :width]) and bool(
+            (batched_targets[width:] < 0).all()
+        ), f"image {index}: targets differ in a batch"
         scale = float(alone.raw.abs().max()) or 1.0
         torch.testing.assert_close(
-            together.raw[index],
-            alone.raw[0],
+            together.raw[index, :width],
+            alone.raw[0, :width],
             rtol=rtol,
             atol=atol * scale,
             msg=lambda m, i=index: f"image {i}: batched map differs from the single one: {m}",
@@ -148,17 +153,53 @@ def check_deterministic(method: Callable[[torch.Tensor], Explanation], inputs: t
     assert torch.equal(first.raw, second.raw), "two runs with the same input gave different maps"
 
 
-def check_method(method_cls, model: Model, inputs: torch.Tensor, *, target: object = "top2", **options) -> None:
+def check_scores(explanation: Explanation, model: Model, inputs: torch.Tensor, target: object, threshold: float = 0.5):
+    """The explanation reports the model's own outputs: its probabilities are the model's (softmax,
+    multi-label sigmoid, or the outputs of a model that outputs probabilities), its targets those that
+    the model's own outputs resolve to, and its top-5 the model's. Outputs are computed image by image."""
+    from ..state import preserved
+    from ..targets import resolve_targets
+
+    with preserved(model.module, warn_if_training=False), torch.no_grad():
+        outputs = torch.cat([model(inputs[i : i + 1]) for i in range(inputs.shape[0])]).float()
+    expected = model.probabilities(outputs)
+    torch.testing.assert_close(
+        explanation.probabilities,
+        expected.cpu(),
+        rtol=1e-4,
+        atol=1e-5,
+        msg=lambda m: f"the reported probabilities are not the model's own: {m}",
+    )
+    targets = resolve_targets(
+        target,
+        outputs,
+        model.labels,
+        multilabel=model.multilabel,
+        threshold=threshold,
+        probabilities=model.probabilities,
+    )
+    assert torch.equal(explanation.targets, targets.cpu()), (
+        f"the resolved targets {explanation.targets.tolist()} are not the model's own {targets.tolist()}"
+    )
+    ranked = expected.topk(min(5, expected.shape[1]), dim=1).indices.tolist()
+    reported = [[p.index for p in row] for row in explanation.top]
+    assert reported == ranked, f"the reported top-5 {reported} is not the model's {ranked}"
+
+
+def check_method(
+    method_cls, model: Model, inputs: torch.Tensor, *, target: object = "top2", threshold: float = 0.5, **options
+) -> None:
     """All of the above for one method class on one model."""
     explainer = method_cls(model, **options)
 
     def run(batch: torch.Tensor) -> Explanation:
-        return explainer(batch, target)
+        return explainer(batch, target, threshold=threshold)
 
     explanation = check_untouched(lambda: run(inputs), model, inputs)
     assert isinstance(explanation, Explanation)
     assert explanation.raw.shape[:2] == explanation.targets.shape
     assert torch.isfinite(explanation.raw).all(), "the maps contain NaN or infinity"
+    check_scores(explanation, model, inputs, target, threshold)
     check_cleanup_on_error(run, model, inputs)
     check_batched_equals_single(run, inputs)
     check_deterministic(run, inputs)

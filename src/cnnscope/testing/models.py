@@ -94,12 +94,30 @@ class TinyCNN(nn.Module):
         return self.fc(torch.flatten(self.gap(x), 1))
 
 
-def tiny_model(classes: int = 5, seed: int = 0) -> Model:
+class ProbabilityOutput(nn.Module):
+    """A network whose forward ends in a softmax (a model exported "with probabilities")."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x), dim=1)
+
+
+def tiny_model(classes: int = 5, seed: int = 0, *, multilabel: bool = False, outputs: str = "logits") -> Model:
+    """:class:`TinyCNN` as a :class:`Model`: single-label (softmax over logits), ``multilabel=True``
+    (a sigmoid per class) or ``outputs="probabilities"`` (the network itself ends in a softmax)."""
+    net = TinyCNN(classes, seed).eval()
+    if outputs == "probabilities":
+        net = ProbabilityOutput(net).eval()
     return Model(
-        TinyCNN(classes, seed).eval(),
+        net,
         labels=[f"class {i}" for i in range(classes)],
         preprocess=IDENTITY_PREPROCESS,
         name="tiny",
+        multilabel=multilabel,
+        outputs=outputs,
     )
 
 
