@@ -135,7 +135,8 @@ def _open_and_convert(handle: _io.IOBase, name: str, max_pixels: int) -> np.ndar
             raise InputError(f"{name} is not an image (no format Pillow reads recognises it)") from None
         except Image.DecompressionBombError as exc:
             raise InputError(f"{name} is over the limit of pixels that decode safely ({exc})") from None
-        except OSError as exc:
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            # Pillow raises ValueError for oversized metadata (a zTXt/iCCP chunk that inflates past its limit)
             raise InputError(f"{name} cannot be read: {exc}") from None
         _check_size(image.size, name, max_pixels)
         try:

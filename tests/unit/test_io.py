@@ -173,3 +173,24 @@ def test_label_images_become_region_labels(tmp_path):
     Image.fromarray(grey).save(tmp_path / "grey.png")
     assert np.array_equal(load_labels(tmp_path / "grey.png"), grey)  # a grey level is its own label
     assert np.array_equal(load_labels(grey.astype(np.int32)), grey)
+
+
+@pytest.mark.parametrize("chunk", ["ztxt", "iccp"])
+def test_oversized_png_metadata_is_one_input_error(chunk):
+    import io
+
+    from PIL import PngImagePlugin
+
+    from cnnscope.errors import InputError
+    from cnnscope.io import load_image
+
+    buffer = io.BytesIO()
+    picture = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    if chunk == "ztxt":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("comment", "x" * 20_000_000, zip=True)  # 20 KB on disk, 20 MB inflated
+        picture.save(buffer, "PNG", pnginfo=info)
+    else:
+        picture.save(buffer, "PNG", icc_profile=b"y" * 30_000_000)
+    with pytest.raises(InputError, match="cannot be read: Decompressed data too large"):
+        load_image(buffer.getvalue())

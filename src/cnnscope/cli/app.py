@@ -20,7 +20,9 @@ from .._registry import METHODS, MODELS
 from ..errors import CnnscopeError, CnnscopeWarning, InputError
 from ..io import find_images, load_image
 from ..models import DEFAULT_MODEL, Model, load_model
-from ..runner import parse_options
+from ..options import parse_pairs
+from ..runner import Interrupted
+from ..targets import parse_target_text
 
 app = typer.Typer(
     add_completion=False,
@@ -37,7 +39,15 @@ NoWeightsOpt = Annotated[bool, typer.Option("--no-weights", help="architecture o
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow unpickling a full-module file")]
 MultiOpt = Annotated[bool, typer.Option("--multilabel", help="sigmoid scores (multi-label model)")]
 LabelsOpt = Annotated[Path | None, typer.Option("--labels", help="text file, one class label per line")]
+SizeOpt = Annotated[
+    str | None, typer.Option("--size", help="model input size H[,W] (a model file brings no preprocessing)")
+]
+MeanOpt = Annotated[
+    str | None, typer.Option("--mean", help="normalization mean, one value per channel: R,G,B or one for grey")
+]
+StdOpt = Annotated[str | None, typer.Option("--std", help="normalization std, one value per channel (as --mean)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="an unreadable image is an error, not a skip")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or warnings")]
 OptionOpt = Annotated[
     list[str] | None, typer.Option("--option", help="method option KEY=VALUE, e.g. steps=16; repeatable")
@@ -58,8 +68,49 @@ def _root(
     _state["debug"] = debug
 
 
+def _numbers(flag: str, text: str, *, integer: bool = False) -> tuple:
+    values = []
+    for part in text.replace(";", ",").split(","):
+        try:
+            values.append(int(part) if integer else float(part))
+        except ValueError:
+            kind = "whole numbers" if integer else "numbers"
+            raise InputError(f"{flag} takes comma-separated {kind} (e.g. {flag} 224,224), got '{text}'") from None
+    return tuple(values)
+
+
+def _preprocess(base, size: str | None, mean: str | None, std: str | None):
+    """The model's own preprocessing with --size, --mean and --std applied (None when none is given).
+    --mean alone implies std 1 per channel, --std alone mean 0, so ``--mean 0 --std 1`` means one grey channel."""
+    import dataclasses
+
+    if size is None and mean is None and std is None:
+        return None
+    changes: dict = {}
+    if size is not None:
+        dims = _numbers("--size", size, integer=True)
+        if len(dims) not in (1, 2) or min(dims) < 1:
+            raise InputError(f"--size takes H or H,W (positive whole numbers), got '{size}'")
+        changes["size"] = (dims[0], dims[-1])
+    if mean is not None or std is not None:
+        means = _numbers("--mean", mean) if mean is not None else None
+        stds = _numbers("--std", std) if std is not None else None
+        count = len(means or stds)
+        changes["mean"] = means if means is not None else (0.0,) * count
+        changes["std"] = stds if stds is not None else (1.0,) * count
+    return dataclasses.replace(base, **changes)
+
+
 def _load(
-    model: str, arch: str | None, no_weights: bool, trust_pickle: bool, multilabel: bool, labels: Path | None
+    model: str,
+    arch: str | None,
+    no_weights: bool,
+    trust_pickle: bool,
+    multilabel: bool,
+    labels: Path | None,
+    size: str | None = None,
+    mean: str | None = None,
+    std: str | None = None,
 ) -> Model:
     label_list = None
     if labels is not None:
@@ -67,7 +118,7 @@ def _load(
             label_list = [line.strip() for line in labels.read_text(encoding="utf-8").splitlines() if line.strip()]
         except OSError as exc:
             raise InputError(f"cannot read labels file '{labels}': {exc.strerror}") from None
-    return load_model(
+    loaded = load_model(
         model,
         arch=arch,
         weights=not no_weights,
@@ -75,25 +126,41 @@ def _load(
         multilabel=multilabel or None,
         labels=label_list,
     )
+    preprocess = _preprocess(loaded.preprocess, size, mean, std)
+    return loaded if preprocess is None else load_model(loaded, preprocess=preprocess)
 
 
 def _print_json(document: object) -> None:
     typer.echo(json.dumps(document, indent=2))
 
 
-def _read_images(paths: list[Path]) -> tuple[list, list[str]]:
+def _read_images(paths: list[Path], strict: bool = False) -> tuple[list, list[str], list[dict]]:
+    """The readable images among ``paths`` (folders expanded), their names, and the files skipped with
+    the reason: an unreadable file does not stop the others (``--strict`` makes it an error), but nothing
+    readable at all is an error."""
     files = find_images(paths)
-    return [load_image(path) for path in files], [path.stem for path in files]
+    pictures, names, skipped = [], [], []
+    for path in files:
+        try:
+            pictures.append(load_image(path))
+            names.append(path.stem)
+        except InputError as exc:
+            if strict:
+                raise
+            skipped.append({"path": str(path), "reason": str(exc)})
+    if not pictures:
+        raise InputError(skipped[0]["reason"] if len(skipped) == 1 else f"none of the {len(skipped)} files is an image")
+    if not _state["quiet"]:
+        for entry in skipped:
+            sys.stderr.write(f"cnnscope: skipped {entry['reason']}\n")
+    return pictures, names, skipped
 
 
 def _targets(values: list[str] | None, top_k: int | None) -> object:
     if values and top_k:
         raise InputError("give either --target or --top-k, not both")
     if values:
-        parts = [part.strip() for value in values for part in value.split(";") if part.strip()]
-        if len(parts) == 1 and parts[0].lower().startswith(("top", "positive")):
-            return parts[0]
-        return parts
+        return parse_target_text(values)
     return f"top{top_k}" if top_k else "top1"
 
 
@@ -116,13 +183,17 @@ def predict(
     trust_pickle: TrustOpt = False,
     multilabel: MultiOpt = False,
     labels: LabelsOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    strict: StrictOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Top-k predictions with probabilities."""
     _state["quiet"] = quiet
-    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels)
-    pictures, names = _read_images(images)
+    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels, size, mean, std)
+    pictures, names, skipped = _read_images(images, strict)
     results = []
     for start in range(0, len(pictures), 16):
         for name, predictions in zip(
@@ -143,7 +214,7 @@ def predict(
                 }
             )
     if as_json:
-        _print_json({"model": loaded.name, "results": results})
+        _print_json({"model": loaded.name, "results": results, "skipped": skipped})
         return
     for result in results:
         typer.echo(result["image"])
@@ -167,6 +238,9 @@ def explain(
     trust_pickle: TrustOpt = False,
     multilabel: MultiOpt = False,
     labels: LabelsOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     counterfactual: Annotated[bool, typer.Option("--counterfactual", help="negated gradients (Grad-CAM)")] = False,
     relu: Annotated[bool | None, typer.Option("--relu/--no-relu", help="clip negative map values")] = None,
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0)] = 0.5,
@@ -174,6 +248,7 @@ def explain(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     option: OptionOpt = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="write report.html")] = True,
+    strict: StrictOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -186,22 +261,28 @@ def explain(
         from ..render.colormaps import lookup_table
 
         lookup_table(colormap)
-    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels)
-    pictures, names = _read_images(images)
-    summary = _run(
-        loaded,
-        pictures,
-        names,
-        methods=methods,
-        target=_targets(target, top_k),
-        layer=layer,
-        out_dir=out,
-        report=report,
-        batch_size=batch_size,
-        alpha=alpha,
-        colormap=colormap,
-        options={**parse_options(option or []), **_method_options(counterfactual, relu)},
-    )
+    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels, size, mean, std)
+    pictures, names, skipped = _read_images(images, strict)
+    try:
+        summary = _run(
+            loaded,
+            pictures,
+            names,
+            methods=methods,
+            target=_targets(target, top_k),
+            layer=layer,
+            out_dir=out,
+            report=report,
+            batch_size=batch_size,
+            alpha=alpha,
+            colormap=colormap,
+            options={**parse_pairs(option or []), **_method_options(counterfactual, relu)},
+        )
+    except Interrupted as stopped:
+        stopped.summary["skipped"] = skipped
+        _print_summary(stopped.summary, as_json)
+        raise
+    summary["skipped"] = skipped
     _print_summary(summary, as_json)
 
 
@@ -219,6 +300,11 @@ def compare(
     arch: ArchOpt = None,
     no_weights: NoWeightsOpt = False,
     trust_pickle: TrustOpt = False,
+    multilabel: MultiOpt = False,
+    labels: LabelsOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     option: OptionOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -230,7 +316,7 @@ def compare(
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
         METHODS.get(name)
-    loaded = _load(model, arch, no_weights, trust_pickle, False, None)
+    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels, size, mean, std)
     picture = load_image(image)
     chosen = _targets(target, None) if target else f"top{top_k}"
     layer_list = [layer.strip() for layer in layers.split(",")] if layers else None
@@ -241,7 +327,7 @@ def compare(
         methods=names,
         target=chosen,
         layers=layer_list,
-        options=parse_options(option or []),
+        options=parse_pairs(option or []),
         quiet=quiet,
     )
     path = _write_figure(figure, out / f"{image.stem}_compare.png", summary)
@@ -265,6 +351,11 @@ def faithfulness(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("cnnscope-out"),
     model: ModelOpt = DEFAULT_MODEL,
     arch: ArchOpt = None,
+    multilabel: MultiOpt = False,
+    labels: LabelsOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     option: OptionOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -274,7 +365,7 @@ def faithfulness(
 
     _state["quiet"] = quiet
     METHODS.get(method)
-    loaded = _load(model, arch, False, False, False, None)
+    loaded = _load(model, arch, False, False, multilabel, labels, size, mean, std)
     picture = load_image(image)
     figure, summary = faithfulness_report(
         loaded,
@@ -285,7 +376,7 @@ def faithfulness(
         steps=steps,
         fraction=fraction,
         fill=fill,
-        options=parse_options(option or []),
+        options=parse_pairs(option or []),
         quiet=quiet,
     )
     path = _write_figure(figure, out / f"{image.stem}_{summary['method']}_faithfulness.png", summary)
@@ -317,6 +408,30 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     running: Annotated[int, typer.Option("--running", min=1, help="explanations computed at once")] = 1,
     waiting: Annotated[int, typer.Option("--waiting", min=0, help="requests in line before 503")] = 4,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="another Host header to answer (name, name:port or *; repeatable): the loopback names and "
+            "the address a request came in on are always answered, other names get 400 (DNS rebinding)",
+        ),
+    ] = None,
+    allow_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-origin",
+            help="another page origin whose POSTs are accepted (scheme://host[:port] or *; repeatable): "
+            "by default only the server's own pages may post (403 otherwise)",
+        ),
+    ] = None,
+    max_work: Annotated[
+        int,
+        typer.Option(
+            "--max-work",
+            min=1,
+            help="forward-pass equivalents one explanation may cost (masks, samples, steps x targets); more is a 400",
+        ),
+    ] = 20_000,
 ) -> None:
     """The web page: upload an image, see the top-5, explain any class with any method."""
     try:
@@ -327,7 +442,20 @@ def serve(
         raise InputError(
             f"the web page needs the web extra ({exc.name} is missing): pip install 'cnnscope[web]'"
         ) from None
-    application = create_app(model, running=running, waiting=waiting)
+    hosts = list(allow_host or [])
+    if host not in ("0.0.0.0", "::", ""):  # a name given to --host answers too
+        hosts.append(host)
+    try:
+        application = create_app(
+            model,
+            running=running,
+            waiting=waiting,
+            allowed_hosts=hosts,
+            allowed_origins=allow_origin or [],
+            max_work=max_work,
+        )
+    except ValueError as exc:  # a malformed --allow-host or --allow-origin
+        raise InputError(str(exc)) from None
     typer.echo(f"cnnscope: serving {model} on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
@@ -373,6 +501,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
             )
     if summary.get("report"):
         typer.echo(f"report: {summary['report']}")
+    if summary.get("complete") is False:
+        typer.echo(f"incomplete: interrupted after {len(summary['images'])} image(s)")
 
 
 @app.command()
@@ -381,6 +511,9 @@ def layers(
     arch: ArchOpt = None,
     no_weights: NoWeightsOpt = False,
     trust_pickle: TrustOpt = False,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     diagram: Annotated[
         Path | None, typer.Option("--diagram", help="also draw the data flow to this .svg or .png file")
     ] = None,
@@ -389,7 +522,7 @@ def layers(
     quiet: QuietOpt = False,
 ) -> None:
     """The layer table: name, type, output shape, parameters; the default target layer; a diagram."""
-    loaded = _load(model, arch, no_weights, trust_pickle, False, None)
+    loaded = _load(model, arch, no_weights, trust_pickle, False, None, size, mean, std)
     if diagram is not None:
         from ..features.architecture import architecture
 
@@ -442,23 +575,28 @@ def labels_command(
 
 
 @app.command()
-def methods(as_json: JsonOpt = False) -> None:
-    """The registered methods and their options."""
-    rows = [
-        {
-            "name": name,
-            "summary": cls.summary,
-            "uses_layer": cls.uses_layer,
-            "options": {k: v for k, v in cls.options.items()},
-        }
-        for name, cls in METHODS.items()
-    ]
+def methods(
+    name: Annotated[str | None, typer.Argument(help="one method: its options in full")] = None,
+    as_json: JsonOpt = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="the README's option table")] = False,
+) -> None:
+    """The registered methods and their typed options (type, default, allowed values, help)."""
+    from ..methods import method_listing
+    from ..options import markdown_table
+
+    chosen = [(name, METHODS.get(name))] if name else list(METHODS.items())
+    rows = method_listing(chosen)
+    if markdown:
+        typer.echo(markdown_table([(key, cls.options) for key, cls in chosen]))
+        return
     if as_json:
         _print_json(rows)
         return
     for row in rows:
-        options = ", ".join(f"{k}={v}" for k, v in row["options"].items())
-        typer.echo(f"{row['name']:<12} {row['summary']}" + (f"  [{options}]" if options else ""))
+        typer.echo(f"{row['name']:<22} {row['summary']}")
+        for key, option in row["options"].items():
+            default = "auto" if option["default"] is None else option["default"]
+            typer.echo(f"    {key}={default}  {option['range']}: {option['help']}")
 
 
 @app.command()
@@ -472,16 +610,36 @@ def models(as_json: JsonOpt = False) -> None:
         typer.echo(f"{row['name']:<20} {row['description']}")
 
 
+DEMOS = ("photos", "audit", "training")
+
+
 @app.command()
 def demo(
+    what: Annotated[
+        str,
+        typer.Argument(
+            help="photos: explain the sample photos; audit: a Clever Hans model found in a dataset audit; "
+            "training: the movie of two trainings, clean and with a spurious cue"
+        ),
+    ] = "photos",
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("cnnscope-out"),
+    seed: Annotated[int, typer.Option("--seed", min=0, help="seed of the synthetic data and training")] = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Explain the bundled sample photos with Grad-CAM and CAM: overlays and report.html in --out."""
+    """The embedded demos, offline: the sample photos (overlays and report.html), an audit, a training movie."""
     from ..samples import SAMPLES, sample_image
 
     _state["quiet"] = quiet
+    if what not in DEMOS:
+        raise InputError(f"unknown demo {what!r}; choose one of {', '.join(DEMOS)}")
+    if what != "photos":
+        summary = _extra_demo(what, out, seed, quiet)
+        if as_json:
+            _print_json(summary)
+        else:
+            typer.echo(summary.get("text") or json.dumps(summary, indent=2))
+        return
     loaded = load_model(DEFAULT_MODEL)
     pictures = [sample_image(name) for name in SAMPLES]
     summary = _run(
@@ -497,6 +655,24 @@ def demo(
     _print_summary(summary, as_json)
 
 
+def _extra_demo(what: str, out: Path, seed: int, quiet: bool) -> dict:
+    """``cnnscope demo audit`` and ``cnnscope demo training``: the synthetic shapes, a small CNN trained here."""
+    try:
+        if what == "audit":
+            from ..audit import demo_audit
+
+            result = demo_audit(out, seed=seed, quiet=quiet)
+            return result.summary() if hasattr(result, "summary") else dict(result)
+        from ..training import demo_training
+
+        return demo_training(out, seed=seed, quiet=quiet)
+    except ImportError as exc:
+        extra = "audit" if what == "audit" else "video"
+        raise InputError(
+            f"the {what} demo needs the {extra} extra ({exc.name} is missing): pip install 'cnnscope[{extra}]'"
+        ) from None
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     if _state["quiet"]:
         return
@@ -506,30 +682,53 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+#: Exit status of a command stopped by Ctrl-C (128 + SIGINT), as typer reports it.
+INTERRUPTED = 130
+#: The exception of a wrong flag or argument (typer's vendored click UsageError; BadParameter is one).
+USAGE_ERROR = typer.BadParameter.__mro__[1]
+
+
+def _fail(message: str, kind: str, as_json: bool, code: int = 2) -> None:
+    """One line on stderr, or with --json one JSON object ``{"error", "kind"}`` on stdout; then exit."""
+    if as_json:
+        sys.stdout.write(json.dumps({"error": message, "kind": kind}) + "\n")
+    else:
+        sys.stderr.write(f"cnnscope: error: {message}\n")
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    as_json = "--json" in args
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
-        # standalone mode: usage errors print click's message and exit 2; our errors come through here
-        app(args=args, prog_name="cnnscope")
+        result = app(args=args, prog_name="cnnscope", standalone_mode=False)
     except CnnscopeError as exc:
         if debug:
             raise
-        sys.stderr.write(f"cnnscope: error: {exc}\n")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.stderr.write("cnnscope: interrupted\n")
-        sys.exit(130)
+        _fail(str(exc), type(exc).__name__, as_json)
+    except USAGE_ERROR as exc:  # a wrong flag or argument: typer's own words
+        if as_json:
+            _fail(exc.format_message(), "UsageError", True)
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        result = INTERRUPTED
     except Exception as exc:
         if debug:
             raise
-        sys.stderr.write(
-            f"cnnscope: internal error: {type(exc).__name__}: {exc} "
-            "(rerun with --debug for the traceback, and please report it)\n"
+        message = (
+            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and please report it)"
         )
+        if as_json:
+            _fail(message, "InternalError", True, code=1)
+        sys.stderr.write(f"cnnscope: {message}\n")
         sys.exit(1)
     finally:
         warnings.showwarning = previous
+    if result == INTERRUPTED:  # typer turns Ctrl-C into exit status 130
+        sys.stderr.write("cnnscope: interrupted\n")
+    sys.exit(result if isinstance(result, int) else 0)

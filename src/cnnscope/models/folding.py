@@ -38,7 +38,7 @@ def fold_batchnorm(model: Model, keep: Iterable[LayerRef] = ()) -> tuple[Model, 
     ):
         return model, 0
     kept = {ref.name for ref in keep}
-    probe = torch.rand(1, 3, *model.preprocess.size, generator=torch.Generator().manual_seed(0))
+    probe = torch.rand(1, model.preprocess.channels, *model.preprocess.size, generator=torch.Generator().manual_seed(0))
     probe = model.preprocess.normalize(probe).to(model.device)
     try:
         pairs, expected, logits = _foldable_pairs(module, probe, kept)

@@ -7,6 +7,7 @@ Layer lookup, the default target layer and the ``cnnscope layers`` table all rea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,9 +53,12 @@ def _first_tensor(output: object) -> torch.Tensor | None:
     return None
 
 
-def trace_calls(module: nn.Module, example: torch.Tensor) -> tuple[list[LayerCall], tuple[int, ...]]:
+def trace_calls(
+    module: nn.Module, example: torch.Tensor, select: Callable[[object], torch.Tensor] | None = None
+) -> tuple[list[LayerCall], tuple[int, ...]]:
     """Run ``module`` once on ``example`` (no grad, eval mode, state preserved) and record every call;
-    also return the shape of the model's output."""
+    also return the shape of the model's output (``select`` picks the scores from a tuple, dict or
+    object output; default: the first tensor)."""
     names = {id(sub): name for name, sub in module.named_modules() if name}
     starts: list[tuple[str, nn.Module]] = []
     ends: dict[tuple[str, int], tuple[int, tuple[int, ...], bool]] = {}
@@ -85,7 +89,8 @@ def trace_calls(module: nn.Module, example: torch.Tensor) -> tuple[list[LayerCal
                 handles.append(sub.register_forward_pre_hook(pre_hook))
                 handles.append(sub.register_forward_hook(post_hook))
         with preserved(module, warn_if_training=False), torch.no_grad():
-            output = _first_tensor(module(example))
+            raw = module(example)
+            output = select(raw) if select is not None else _first_tensor(raw)
     except ModelError:
         raise
     except Exception as exc:

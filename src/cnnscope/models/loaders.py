@@ -30,6 +30,7 @@ def load_model(
     weights: bool = True,
     trust_pickle: bool = False,
     outputs: str = "logits",
+    output=None,
 ) -> Model:
     """Get a :class:`Model` from a zoo name, ``"torchvision:NAME"``, a file, an ``nn.Module`` or a function.
 
@@ -44,12 +45,14 @@ def load_model(
       (N, classes) scores (``outputs="probabilities"`` if they are already probabilities); for the
       perturbation methods (occlusion, RISE), e.g. an ONNX Runtime session or a remote service.
 
-    ``labels``, ``preprocess`` and ``multilabel`` override what the source provides.
+    ``labels``, ``preprocess`` and ``multilabel`` override what the source provides. ``output`` says where
+    the scores are when the forward returns a tuple, list, dict or object (a key, attribute, position or
+    function; default: the tensor itself, else ``logits``, else the first tensor).
     """
     if isinstance(model, Model):
         loaded = model
     elif isinstance(model, nn.Module):
-        loaded = Model(model)
+        loaded = Model(model, output=output, outputs=outputs)
     elif callable(model) and not isinstance(model, (str, os.PathLike)):
         loaded = from_function(model, size=(preprocess.size if preprocess else (224, 224)), outputs=outputs)
     elif isinstance(model, (str, os.PathLike)):
@@ -59,7 +62,7 @@ def load_model(
             f"cannot load a model from a {type(model).__name__}; give a zoo name, 'torchvision:NAME', "
             "a file path or an nn.Module"
         )
-    if labels is None and preprocess is None and multilabel is None:
+    if labels is None and preprocess is None and multilabel is None and (output is None or loaded.output == output):
         return loaded
     return Model(
         loaded.module,
@@ -68,6 +71,7 @@ def load_model(
         multilabel=loaded.multilabel if multilabel is None else multilabel,
         name=loaded.name,
         outputs=loaded.outputs,
+        output=loaded.output if output is None else output,
     )
 
 

@@ -7,9 +7,10 @@ a traced table of its layers. It holds the user's module by reference and never 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,8 @@ from torch import nn
 from ..errors import InputError, ModelError
 from ..hooks import LayerRef
 from ..io import ImageSource, load_image
-from ..state import preserved
+from ..state import model_lock, preserved
+from ..tokens import layout_of
 from .labels import short_name
 from .layers import LayerCall, default_layer_name, find_layer, format_table, trace_calls
 from .preprocess import Preprocess
@@ -59,6 +61,8 @@ class UnnormalizedImages(Sequence):
     def _all(self) -> list[np.ndarray]:
         if self._images is None:
             pixels = self._preprocess.unnormalize(self._tensor.float()).mul(255).round().byte()
+            if pixels.shape[1] == 1:  # grey: shown as a grey RGB picture under the colour map
+                pixels = pixels.expand(-1, 3, -1, -1)
             self._images = list(pixels.permute(0, 2, 3, 1).cpu().numpy())
         return self._images
 
@@ -67,6 +71,42 @@ class UnnormalizedImages(Sequence):
 
     def __getitem__(self, index):
         return self._all()[index]
+
+
+OutputSelector = str | int | Callable[[object], torch.Tensor] | None
+
+
+def select_output(output: object, selector: OutputSelector = None) -> torch.Tensor:
+    """The (N, classes) scores inside a forward's output: ``selector`` is a dict key or attribute name, a
+    position in a tuple or list, or a function; by default a tensor as it is, else the ``logits`` entry or
+    attribute (Hugging Face style), else the first tensor of a tuple, list or dict."""
+    if isinstance(output, torch.Tensor) and selector is None:
+        return output
+    if callable(selector):
+        chosen = selector(output)
+    elif isinstance(selector, int) and not isinstance(selector, bool):
+        chosen = (
+            output[selector] if isinstance(output, (tuple, list)) and -len(output) <= selector < len(output) else None
+        )
+    elif isinstance(selector, str):
+        chosen = output.get(selector) if isinstance(output, dict) else getattr(output, selector, None)
+    elif isinstance(output, dict):
+        chosen = output.get("logits")
+        if not isinstance(chosen, torch.Tensor):
+            chosen = next((v for v in output.values() if isinstance(v, torch.Tensor)), None)
+    elif isinstance(getattr(output, "logits", None), torch.Tensor):
+        chosen = output.logits
+    elif isinstance(output, (tuple, list)):
+        chosen = next((item for item in output if isinstance(item, torch.Tensor)), None)
+    else:
+        chosen = None
+    if not isinstance(chosen, torch.Tensor):
+        where = f"output={selector!r} " if selector is not None else ""
+        raise ModelError(
+            f"the model's forward returns a {type(output).__name__} and {where}finds no tensor of scores in it; "
+            "pass output= a key, attribute, position or function that picks the (N, classes) scores"
+        )
+    return chosen
 
 
 class Model:
@@ -78,6 +118,9 @@ class Model:
         preprocess: image -> tensor; defaults to 224x224 with ImageNet mean and std.
         multilabel: scores are per-class sigmoids instead of one softmax.
         name: shown in reports.
+        outputs: ``"logits"`` or ``"probabilities"`` (the forward already ends in a softmax or sigmoid).
+        output: where the scores are when the forward returns a tuple, list, dict or an object (see
+            :func:`select_output`; default: the tensor itself, else ``logits``, else the first tensor).
     """
 
     def __init__(
@@ -89,10 +132,12 @@ class Model:
         multilabel: bool = False,
         name: str | None = None,
         outputs: str = "logits",
+        output: OutputSelector = None,
     ) -> None:
         if outputs not in ("logits", "probabilities"):
             raise ModelError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}")
         self.outputs = outputs
+        self.output = output
         if not isinstance(module, nn.Module):
             raise ModelError(f"Model needs a torch.nn.Module, got {type(module).__name__}")
         self.module = module
@@ -121,8 +166,14 @@ class Model:
     def calls(self) -> list[LayerCall]:
         """Every module call of one forward pass, traced once and cached."""
         if self._calls is None:
-            example = torch.zeros(1, 3, *self.preprocess.size, device=self.device)
-            self._calls, self._output_shape = trace_calls(self.module, example)
+            with model_lock(self.module):
+                self._trace()
+        return self._calls
+
+    def _trace(self) -> None:
+        if self._calls is None:
+            example = torch.zeros(1, self.preprocess.channels, *self.preprocess.size, device=self.device)
+            self._calls, self._output_shape = trace_calls(self.module, example, self.select)
             if len(self._output_shape) != 2:
                 raise ModelError(
                     f"the model returns shape {self._output_shape} for one image; a classifier must "
@@ -133,7 +184,6 @@ class Model:
                     f"{len(self._labels)} labels given but the model has {self._output_shape[1]} outputs; "
                     "give one label per output"
                 )
-        return self._calls
 
     def largest_layer_output(self) -> int:
         """Elements per image of the largest layer output (from the trace; cached with it)."""
@@ -172,8 +222,12 @@ class Model:
         )
 
     def layer(self, spec: str | nn.Module | LayerRef) -> LayerRef:
-        """Look a layer up by dotted name, ``'name@call'`` or module object."""
-        return find_layer(self.module, self.calls(), spec)
+        """Look a layer up by dotted name, ``'name@call'`` or module object; the reference carries the
+        output's :class:`~cnnscope.tokens.Layout` for this model's input size."""
+        ref = find_layer(self.module, self.calls(), spec)
+        if ref.layout is None:
+            ref = dataclasses.replace(ref, layout=layout_of(ref.output_shape, self.preprocess.size))
+        return ref
 
     def default_layer(self) -> LayerRef:
         """The last layer with a spatial (N, C, H, W) output: the usual Grad-CAM / CAM target."""
@@ -218,9 +272,11 @@ class Model:
                 "tokens; pass layer=... explicitly (cnnscope layers lists them)"
             )
         refs = [self.layer(row.key) for row in rows]
-        probe = torch.randn(1, 3, *self.preprocess.size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        probe = torch.randn(
+            1, self.preprocess.channels, *self.preprocess.size, generator=torch.Generator().manual_seed(0)
+        ).to(self.device)
         with preserved(self.module, warn_if_training=False), capture(self.module, refs) as record, torch.enable_grad():
-            logits = self.module(probe)
+            logits = self(probe)
             present = [ref for ref in refs if ref.key in record.activations]
             grads = torch.autograd.grad(logits.sum(), [record[ref.key] for ref in present], allow_unused=True)
         order = {row.key: row.finished for row in rows}
@@ -261,10 +317,11 @@ class Model:
     def _prepare_tensor(self, tensor: torch.Tensor) -> Batch:
         if tensor.ndim == 3:
             tensor = tensor.unsqueeze(0)
-        if tensor.ndim != 4 or tensor.shape[1] != 3:
+        channels = self.preprocess.channels
+        if tensor.ndim != 4 or tensor.shape[1] != channels:
             raise InputError(
-                f"a tensor input must be a preprocessed (N, 3, H, W) or (3, H, W) batch, "
-                f"got shape {tuple(tensor.shape)}"
+                f"a tensor input must be a preprocessed (N, {channels}, H, W) or ({channels}, H, W) batch for this "
+                f"model, got shape {tuple(tensor.shape)}"
             )
         if tensor.shape[0] == 0:
             raise InputError("the input batch is empty")
@@ -285,15 +342,22 @@ class Model:
             return logits.clamp(0, 1)
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
 
+    def select(self, output: object) -> torch.Tensor:
+        """The scores in a forward's output (see ``output``)."""
+        return select_output(output, self.output)
+
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """The raw forward: logits for a preprocessed batch (the module as it is, no state change)."""
-        return self.module(batch)
+        """The forward every method runs: the module's (N, classes) scores for a preprocessed batch (the
+        logits, or the probabilities of a model that outputs them), picked by ``output`` from a tuple, dict
+        or object output. No state change."""
+        output = self.module(batch)
+        return output if isinstance(output, torch.Tensor) and self.output is None else self.select(output)
 
     def predict(self, images: object, top_k: int = 5) -> list[list[Prediction]]:
         """The top-k classes of each image, with probabilities (eval mode, no gradients)."""
         batch = self.prepare(images)
         with preserved(self.module), torch.no_grad():
-            logits = self.module(batch.tensor)
+            logits = self(batch.tensor)
         return self.top_predictions(logits, top_k)
 
     def top_predictions(self, logits: torch.Tensor, top_k: int = 5) -> list[list[Prediction]]:

@@ -15,27 +15,50 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: ITU-R 601-2 luma weights (what Pillow's "L" conversion uses): RGB photos for one-channel models.
+LUMA = (0.299, 0.587, 0.114)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Resize the whole image to ``size`` (no crop, so a map covers the whole photo), scale to
-    [0, 1], then normalize with ``mean`` and ``std`` per channel.
+    [0, 1], then normalize with ``mean`` and ``std``, one value per channel of the model's input:
+    three for RGB, one for a grey model (photos are converted to grey by luminance).
 
     The resize is bilinear with antialiasing (Pillow). Because nothing is cropped, a point (x, y)
     of the model input maps back to (x * W / size[1], y * H / size[0]) in the original image.
     """
 
     size: tuple[int, int] = (224, 224)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if len(self.size) != 2 or min(self.size) < 1:
+        size, mean, std = tuple(self.size), tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        if len(size) != 2 or min(size) < 1:
             raise InputError(f"preprocess size must be (height, width) with both >= 1, got {self.size}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise InputError("preprocess mean and std need 3 values each, and std must be positive")
+        if not mean or len(mean) != len(std):
+            raise InputError(
+                f"preprocess mean and std need one value per channel each, got {len(mean)} and {len(std)} values"
+            )
+        if min(std) <= 0:
+            raise InputError(f"preprocess std must be positive for every channel, got {std}")
+        if len(mean) not in (1, 3):
+            raise InputError(
+                f"{len(mean)} channels: images are read as RGB or grey, so preprocessing takes 1 (grey) or 3 (RGB) "
+                "mean and std values"
+            )
+        object.__setattr__(self, "size", (int(size[0]), int(size[1])))
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    @property
+    def channels(self) -> int:
+        """Channels of the model input (1 grey, 3 RGB)."""
+        return len(self.mean)
 
     def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """(N, 3, H, W) float32 batch from RGB uint8 (H, W, 3) arrays."""
+        """(N, channels, H, W) float32 batch from RGB uint8 (H, W, 3) arrays."""
         if len(images) == 0:
             raise InputError("no images given")
         height, width = self.size
@@ -46,19 +69,19 @@ class Preprocess:
             else:
                 planes[index] = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
         batch = torch.from_numpy(planes).permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return batch.sub_(mean).div_(std).contiguous()
+        if self.channels == 1:
+            batch = (batch * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        return batch.sub_(self._view(self.mean)).div_(self._view(self.std)).contiguous()
+
+    def _view(self, values: tuple[float, ...], like: torch.Tensor | None = None) -> torch.Tensor:
+        tensor = torch.tensor(values) if like is None else torch.tensor(values, dtype=like.dtype, device=like.device)
+        return tensor.view(1, -1, 1, 1)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[0, 1] RGB (N, 3, H, W) -> the model's input: ``(pixels - mean) / std``, in the batch's dtype and
-        device (differentiable)."""
-        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-        return (pixels - mean) / std
+        """[0, 1] pixels (N, channels, H, W) -> the model's input: ``(pixels - mean) / std``, in the batch's
+        dtype and device (differentiable)."""
+        return (pixels - self._view(self.mean, pixels)) / self._view(self.std, pixels)
 
     def unnormalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """The inverse of the normalization: a batch back to [0, 1] RGB (clamped)."""
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
-        return (batch * std + mean).clamp(0, 1)
+        """The inverse of the normalization: a batch back to [0, 1] pixels (clamped)."""
+        return (batch * self._view(self.std, batch) + self._view(self.mean, batch)).clamp(0, 1)
