@@ -44,6 +44,7 @@ __all__ = [
     "TargetError",
     "Transforms",
     "architecture",
+    "audit",
     "deep_dream",
     "explain",
     "filter_plate",
@@ -78,3 +79,7 @@ def explain(
     cls = METHODS.get(method)
     kwargs = {"layer": layer} if layer is not None else {}
     return cls(model, **kwargs, **options)(images, target, threshold=threshold)
+
+
+# last: the audit package is itself callable (cnnscope.audit(model, data)) and imports the rest of the API
+from . import audit  # noqa: E402

@@ -634,11 +634,7 @@ def demo(
     if what not in DEMOS:
         raise InputError(f"unknown demo {what!r}; choose one of {', '.join(DEMOS)}")
     if what != "photos":
-        summary = _extra_demo(what, out, seed, quiet)
-        if as_json:
-            _print_json(summary)
-        else:
-            typer.echo(summary.get("text") or json.dumps(summary, indent=2))
+        _extra_demo(what, out, seed, quiet, as_json)
         return
     loaded = load_model(DEFAULT_MODEL)
     pictures = [sample_image(name) for name in SAMPLES]
@@ -655,17 +651,22 @@ def demo(
     _print_summary(summary, as_json)
 
 
-def _extra_demo(what: str, out: Path, seed: int, quiet: bool) -> dict:
+def _extra_demo(what: str, out: Path, seed: int, quiet: bool, as_json: bool) -> None:
     """``cnnscope demo audit`` and ``cnnscope demo training``: the synthetic shapes, a small CNN trained here."""
     try:
         if what == "audit":
             from ..audit import demo_audit
+            from .audit import show_result
 
-            result = demo_audit(out, seed=seed, quiet=quiet)
-            return result.summary() if hasattr(result, "summary") else dict(result)
+            show_result(demo_audit(out, seed=seed, quiet=quiet), as_json)
+            return
         from ..training import demo_training
 
-        return demo_training(out, seed=seed, quiet=quiet)
+        summary = demo_training(out, seed=seed, quiet=quiet)
+        if as_json:
+            _print_json(summary)
+        else:
+            typer.echo(summary.get("text") or json.dumps(summary, indent=2))
     except ImportError as exc:
         extra = "audit" if what == "audit" else "video"
         raise InputError(
