@@ -45,6 +45,7 @@ __all__ = [
     "Transforms",
     "architecture",
     "audit",
+    "compare_models",
     "deep_dream",
     "explain",
     "filter_plate",
@@ -83,3 +84,4 @@ def explain(
 
 # last: the audit package is itself callable (cnnscope.audit(model, data)) and imports the rest of the API
 from . import audit  # noqa: E402
+from .training import compare_models  # noqa: E402
