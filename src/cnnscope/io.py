@@ -206,3 +206,15 @@ def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
         blended = values[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
         return np.round(blended).astype(np.uint8)
     return np.array(values, dtype=np.uint8, copy=True)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` into ``path`` through a temporary file in the same folder, synced, then renamed: a reader (or a
+    run resumed after a crash) sees the old file or the new one, never half of one."""
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.tmp")
+    with temporary.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, target)

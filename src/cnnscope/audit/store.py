@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..io import write_atomically
 
 FORMAT = "cnnscope-audit/1"
 MANIFEST = "manifest.json"
@@ -52,15 +53,6 @@ class Shard:
     start: int
     stop: int
     path: Path
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 class Store:
@@ -148,7 +140,7 @@ class Store:
         self.manifest_path.unlink(missing_ok=True)
 
     def _save(self) -> None:
-        _write_atomically(self.manifest_path, json.dumps(self.manifest, indent=1).encode("utf-8"))
+        write_atomically(self.manifest_path, json.dumps(self.manifest, indent=1).encode("utf-8"))
 
     # -- shards -----------------------------------------------------------------------------------
     @property

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..io import write_atomically
 
 FORMAT = "cnnscope-recording/1"
 MANIFEST = "manifest.json"
@@ -41,16 +42,6 @@ _EPOCH_FILE = re.compile(r"^epoch-(\d{6,})\.npz$")
 SCALARS = ("targets", "probability", "loss", "focus", "top_indices", "top_probabilities")
 #: What must match for a second recorder to continue a run in the same folder.
 IDENTITY = ("method", "options", "target", "layer", "probes")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """``data`` into ``path`` through a temporary file in the same folder, synced, then renamed."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
