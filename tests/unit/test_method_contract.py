@@ -114,3 +114,39 @@ def test_comma_separated_targets_split_unless_they_name_a_class(default_model):
     assert resolve_targets(["281, 285"], logits, labels).tolist() == [[281, 285]]
     assert resolve_targets(["tabby, tabby cat"], logits, labels).tolist() == [[281]]
     assert resolve_targets(parse_target_text("Egyptian cat,tiger cat"), logits, labels).tolist() == [[285, 282]]
+
+
+def test_a_callable_target_explains_a_score_of_the_logits():
+    """pytorch-grad-cam's callable targets: the difference between two classes, explained as it is."""
+    from cnnscope.testing.models import IDENTITY_PREPROCESS
+
+    model = tiny_model()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+
+    def two_minus_zero(logits):
+        return logits[:, 2] - logits[:, 0]
+
+    class Difference(nn.Module):  # the same score as a model's only output, for the reference
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return two_minus_zero(self.net(x)).unsqueeze(1)
+
+    reference = cnnscope.load_model(Difference(model.module).eval(), preprocess=IDENTITY_PREPROCESS)
+    for name in ("gradcam", "saliency", "integrated-gradients"):
+        options = {"steps": 8} if name == "integrated-gradients" else {}
+        ours = cnnscope.get_method(name)(model, **options)(images, two_minus_zero)
+        expected = cnnscope.get_method(name)(reference, **options)(images, 0)
+        torch.testing.assert_close(ours.raw, expected.raw, msg=name)
+        assert ours.labels == ("two_minus_zero",) and ours.targets.tolist() == [[0], [0]]
+    with torch.no_grad():
+        score = two_minus_zero(model.module(images))
+    occlusion = cnnscope.get_method("occlusion")(model, window=16, stride=16, quiet=True)(images, two_minus_zero)
+    torch.testing.assert_close(occlusion.probabilities[:, 0], score)  # the score itself, no softmax
+    assert occlusion.raw.abs().max() > 0
+    pair = cnnscope.get_method("gradcam")(model)(images, lambda logits: logits[:, [1, 3]])
+    assert pair.labels == ("score[0]", "score[1]") and pair.raw.shape[1] == 2
+    with pytest.raises(cnnscope.ModelError, match="callable target must map"):
+        cnnscope.get_method("gradcam")(model)(images, lambda logits: logits.sum())

@@ -172,7 +172,17 @@ class Method:
 
         Images go through the model ``images_per_pass`` at a time (default: as many as keep every
         layer output under 24 MiB, see :func:`auto_images_per_pass`); all targets of an image are
-        explained from the same pass."""
+        explained from the same pass.
+
+        ``target`` may also be a callable from the (N, classes) logits to (N,) or (N, K) scores per image
+        (pytorch-grad-cam's callable targets: a weighted sum of classes, the difference between two):
+        each score is explained as it is, under the label ``name[k]`` (see ``Model.scored_by``)."""
+        if callable(target) and not isinstance(target, (str, torch.Tensor)):
+            scored = self.model.scored_by(target)
+            layer = self.layer.key if self.layer is not None else None
+            explainer = type(self)(scored, **({"layer": layer} if self.uses_layer else {}), **self.config)
+            scores = scored.num_classes
+            return explainer(images, list(range(scores)), names=names, images_per_pass=images_per_pass)
         return self._run(images, target, threshold, names, images_per_pass, self._compute_one)[None]
 
     def _compute_one(self, batch: torch.Tensor, resolve) -> dict[str | None, Computed]:

@@ -134,8 +134,8 @@ class Model:
         outputs: str = "logits",
         output: OutputSelector = None,
     ) -> None:
-        if outputs not in ("logits", "probabilities"):
-            raise ModelError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}")
+        if outputs not in ("logits", "probabilities", "scores"):
+            raise ModelError(f"outputs must be 'logits', 'probabilities' or 'scores', got {outputs!r}")
         self.outputs = outputs
         self.output = output
         if not isinstance(module, nn.Module):
@@ -337,10 +337,38 @@ class Model:
     # -- outputs ---------------------------------------------------------------------------------
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax over classes, or per-class sigmoid for a multi-label model (as they are when the
-        model already outputs probabilities)."""
+        model already outputs probabilities; the scores themselves for a model scored by a callable
+        target, see :meth:`scored_by`)."""
+        if self.outputs == "scores":
+            return logits
         if self.outputs == "probabilities":
             return logits.clamp(0, 1)
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
+
+    def scored_by(self, function: Callable[[torch.Tensor], torch.Tensor]) -> Model:
+        """The same module whose outputs are ``function(logits)``: (N,) or (N, K) scores per image (a weighted
+        sum of classes, the difference between two classes), as pytorch-grad-cam's callable targets. The
+        scores are explained as they are (``outputs="scores"``: no softmax) under the labels
+        ``name[k]``, ``name`` being the function's name."""
+        own = self.select
+
+        def scores(output: object) -> torch.Tensor:
+            logits = own(output)
+            values = function(logits)
+            if not isinstance(values, torch.Tensor) or values.ndim not in (1, 2) or values.shape[0] != logits.shape[0]:
+                raise ModelError(
+                    "a callable target must map the (N, classes) logits to (N,) or (N, K) scores, got "
+                    f"{getattr(values, 'shape', type(values).__name__)}"
+                )
+            return values.unsqueeze(1) if values.ndim == 1 else values
+
+        name = getattr(function, "__name__", "score")
+        name = "score" if name == "<lambda>" else name
+        scored = Model(
+            self.module, preprocess=self.preprocess, name=f"{self.name} / {name}", outputs="scores", output=scores
+        )
+        scored._labels = [name] if scored.num_classes == 1 else [f"{name}[{k}]" for k in range(scored.num_classes)]
+        return scored
 
     def select(self, output: object) -> torch.Tensor:
         """The scores in a forward's output (see ``output``)."""
