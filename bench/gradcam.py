@@ -23,37 +23,18 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 import warnings
 
 import torch
 
 import cnnscope
+from _timing import interleaved
 from cnnscope.methods import GradCAM
 from cnnscope.methods.base import auto_images_per_pass
 from cnnscope.samples import SAMPLES, sample_image
 
 LAYER = "_swish"  # the default model's head activation: the module object's second (last) call
 TARGET = 285
-
-
-def interleaved(candidates: dict, repeat: int, warmup: int = 2) -> dict[str, float]:
-    """Fastest seconds of each candidate, run round-robin (order rotating each round), so that drift in
-    the machine's speed and the allocator's state hits every candidate alike. The minimum, not the
-    median: the work is deterministic and the noise here (another core's load, page reclaim) only adds;
-    medians moved by +-10% between runs on these machines, minima by about 2%."""
-    names = list(candidates)
-    for _ in range(warmup):
-        for name in names:
-            candidates[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeat):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            candidates[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(values) for name, values in times.items()}
 
 
 def make_floor(module: torch.nn.Module):

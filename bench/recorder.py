@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import cnnscope
+from _timing import interleaved
 from cnnscope.data import make_shapes, train_small_cnn
 from cnnscope.samples import SAMPLES, sample_image
 from cnnscope.training import Recorder
@@ -35,22 +36,6 @@ def rss_mib() -> float:
     with open("/proc/self/statm") as handle:
         pages = int(handle.read().split()[1])
     return pages * resource.getpagesize() / 2**20
-
-
-def interleaved(candidates: dict, repeat: int) -> dict[str, float]:
-    """Fastest seconds of each candidate, run round-robin (the order rotating each round) after one warm-up
-    round, so that drift in the machine's speed hits every candidate alike (as bench/gradcam.py does)."""
-    names = list(candidates)
-    for name in names:
-        candidates[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeat):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            candidates[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(values) for name, values in times.items()}
 
 
 def floor(model: cnnscope.Model, images, labels: torch.Tensor):
@@ -82,7 +67,7 @@ def measure(name: str, model: cnnscope.Model, probes, labels: list[int], masks, 
         gradcam(probes, [[label] for label in labels])
 
     step = floor(model, probes, torch.as_tensor(labels))
-    times = interleaved({"floor": step, "method": method_only, "record": record}, repeat)
+    times = interleaved({"floor": step, "method": method_only, "record": record}, repeat, warmup=1)
     return {
         "model": name,
         "probes": len(labels),

@@ -34,16 +34,7 @@ from ..render.colormaps import default_colormap
 from ..render.figure import figure_png
 from ..render.overlay import overlay, resize_map
 from ..render.report import ReportRow, write_report
-from .metrics import pearson, rank_correlation, sign_agreement, top_iou
-
-
-def _unit(values: np.ndarray, signed: bool) -> np.ndarray:
-    if signed:
-        scale = float(np.abs(values).max())
-        return values / scale if scale > 0 else np.zeros_like(values)
-    positive = np.clip(values, 0.0, None)
-    scale = float(positive.max())
-    return positive / scale if scale > 0 else np.zeros_like(values)
+from .metrics import normalize, pearson, rank_correlation, sign_agreement, top_iou
 
 
 @dataclass(frozen=True)
@@ -93,7 +84,7 @@ class ImageComparison:
     @property
     def difference(self) -> np.ndarray:
         """A's map minus B's, each scaled to [0, 1] (or [-1, 1] when signed) first: in [-1, 1] (-2..2 signed)."""
-        return _unit(self.a.map, self.a.signed) - _unit(self.b.map, self.b.signed)
+        return normalize(self.a.map, self.a.signed) - normalize(self.b.map, self.b.signed)
 
     def record(self) -> dict:
         return {
@@ -111,7 +102,7 @@ class ImageComparison:
         """A's overlay, B's overlay and the difference (diverging colours) on the image."""
         pictures = []
         for side in (self.a, self.b):
-            heat = _unit(side.map, side.signed)
+            heat = normalize(side.map, side.signed)
             pictures.append(
                 overlay(self.image, heat, alpha=alpha, colormap=default_colormap(side.signed), signed=side.signed)
             )

@@ -114,3 +114,15 @@ def sign_agreement(a: np.ndarray, b: np.ndarray) -> float:
     either = (first != 0) | (second != 0)
     count = int(either.sum())
     return float((first[either] == second[either]).sum() / count) if count else math.nan
+
+
+def normalize(heat: np.ndarray, signed: bool) -> np.ndarray:
+    """A map scaled for display as ``Explanation.normalized`` does: [0, 1] by its maximum (negative part
+    clipped), or [-1, 1] by its largest magnitude when signed; an all-zero map stays zero."""
+    heat = np.nan_to_num(np.asarray(heat, dtype=np.float32))
+    if signed:
+        scale = float(np.abs(heat).max())
+        return heat / scale if scale > 0 else np.zeros_like(heat)
+    positive = np.clip(heat, 0.0, None)
+    scale = float(positive.max())
+    return positive / scale if scale > 0 else np.zeros_like(heat)

@@ -29,19 +29,8 @@ from ..render.animate import (
 from ..render.colormaps import default_colormap
 from ..render.figure import figure_png
 from ..render.overlay import overlay
+from .metrics import normalize
 from .store import Recording
-
-
-def normalize(heat: np.ndarray, signed: bool) -> np.ndarray:
-    """A map scaled for display as ``Explanation.normalized`` does: [0, 1] by its maximum (negative part
-    clipped), or [-1, 1] by its largest magnitude when signed; an all-zero map stays zero."""
-    heat = np.nan_to_num(np.asarray(heat, dtype=np.float32))
-    if signed:
-        scale = float(np.abs(heat).max())
-        return heat / scale if scale > 0 else np.zeros_like(heat)
-    positive = np.clip(heat, 0.0, None)
-    scale = float(positive.max())
-    return positive / scale if scale > 0 else np.zeros_like(heat)
 
 
 def probe_frames(
