@@ -142,6 +142,9 @@ class BackpropModifier(TorchFunctionMode):
         self.rule = rule
         self.seen = 0
         self.unmodified: dict[str, int] = {}
+        #: where each unmodified call ran: the innermost module running at the time (its dotted name)
+        self.unmodified_in: dict[str, list[str]] = {}
+        self.running: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -149,7 +152,11 @@ class BackpropModifier(TorchFunctionMode):
         tracked = bool(args) and isinstance(args[0], torch.Tensor) and args[0].requires_grad
         if builder is None or not tracked:
             if tracked and func in UNMODIFIED:
-                self.unmodified[UNMODIFIED[func]] = self.unmodified.get(UNMODIFIED[func], 0) + 1
+                kind = UNMODIFIED[func]
+                self.unmodified[kind] = self.unmodified.get(kind, 0) + 1
+                where = self.unmodified_in.setdefault(kind, [])
+                if self.running and self.running[-1] not in where:
+                    where.append(self.running[-1])
             return func(*args, **kwargs)
         function, derivative = builder(args, kwargs)
         self.seen += 1
@@ -176,12 +183,22 @@ def modified_backprop(model: nn.Module, rule: str) -> Iterator[BackpropModifier]
         if mode.seen == starts.get(id(module), mode.seen) and isinstance(output, torch.Tensor) and output.requires_grad:
             missed.setdefault(type(module).__name__, names.get(id(module), "?"))
 
+    def enter(module, args):
+        mode.running.append(names[id(module)])
+
+    def leave(module, args, output):
+        if mode.running and mode.running[-1] == names[id(module)]:
+            mode.running.pop()
+
     names = {id(m): n for n, m in model.named_modules() if n}
     try:
         for name, module in model.named_modules():
             if name and not list(module.children()) and ACTIVATION_NAME.search(type(module).__name__):
                 handles.append(module.register_forward_pre_hook(before))
                 handles.append(module.register_forward_hook(after))
+            if name:  # the running module, to name where a gate (an SE sigmoid) keeps its plain gradient
+                handles.append(module.register_forward_pre_hook(enter))
+                handles.append(module.register_forward_hook(leave, always_call=True))
         with mode:
             yield mode
     finally:
@@ -197,9 +214,10 @@ def modified_backprop(model: nn.Module, rule: str) -> Iterator[BackpropModifier]
         )
     if mode.unmodified:
         listed = ", ".join(f"{name} ({count} call{'s' * (count > 1)})" for name, count in mode.unmodified.items())
+        places = [(where, name) for name, wheres in mode.unmodified_in.items() for where in wheres]
         warnings.warn(
             f"{rule} backprop leaves these activation calls on their plain gradient: {listed} "
-            "(gates such as squeeze-excitation sigmoids have no guided rule in the papers)",
+            f"(gates such as squeeze-excitation sigmoids have no guided rule in the papers){_places(places)}",
             CnnscopeWarning,
             stacklevel=3,
         )
@@ -209,3 +227,12 @@ def modified_backprop(model: nn.Module, rule: str) -> Iterator[BackpropModifier]
             CnnscopeWarning,
             stacklevel=3,
         )
+
+
+def _places(places: list[tuple[str, str]], shown: int = 3) -> str:
+    """The modules the calls ran in: "; in 'a' (sigmoid), 'b' (sigmoid), 'c' (sigmoid) and 5 more modules"."""
+    if not places:
+        return ""
+    quoted = ", ".join(f"'{where}' ({name})" for where, name in places[:shown])
+    rest = len(places) - shown
+    return f"; in {quoted}" + (f" and {rest} more module{'s' * (rest > 1)}" if rest > 0 else "")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._registry import did_you_mean
-from ..errors import LayerNotFoundError, ModelError
+from ..errors import LayerNotFoundError, MethodError, ModelError
 from ..hooks import LayerRef
 from ..state import preserved
 
@@ -40,7 +40,10 @@ class LayerCall:
 
     @property
     def is_spatial(self) -> bool:
-        return len(self.output_shape) == 4 and self.output_shape[2] > 1 and self.output_shape[3] > 1
+        shape = self.output_shape  # (N, C, h, w) maps, or (N, C, d, h, w) volumes with at least one dim > 1
+        if len(shape) == 5:
+            return max(shape[2:]) > 1
+        return len(shape) == 4 and shape[2] > 1 and shape[3] > 1
 
 
 def _first_tensor(output: object) -> torch.Tensor | None:
@@ -85,7 +88,7 @@ def trace_calls(
     scripted = isinstance(module, torch.jit.ScriptModule)
     try:
         for name, sub in [] if scripted else module.named_modules():
-            if name:
+            if name and not isinstance(sub, torch.jit.ScriptModule):  # a TorchScript submodule cannot be hooked
                 handles.append(sub.register_forward_pre_hook(pre_hook))
                 handles.append(sub.register_forward_hook(post_hook))
         with preserved(module, warn_if_training=False), torch.no_grad():
@@ -131,6 +134,19 @@ SCRIPTED_LAYERS = (
 )
 
 
+def scripted_submodule_message(module: nn.Module, name: str | None = None) -> str:
+    """Why a layer method cannot look inside a TorchScript submodule of an eager model, and what works."""
+    scripted = [n for n, sub in module.named_modules() if n and isinstance(sub, torch.jit.ScriptModule)]
+    outer = [n for n in scripted if not any(n.startswith(f"{other}.") for other in scripted)]
+    where = f"layer {name!r} belongs to" if name else "this model runs"
+    return (
+        f"{where} the TorchScript submodule {outer[0]!r}, whose layers cannot be hooked, so layer methods (Grad-CAM, "
+        "CAM, ...) cannot see inside it; pass a layer outside it (cnnscope layers lists them), or give the model as "
+        "an eager nn.Module or an ONNX export, which gets every method (saliency, IG, SmoothGrad, occlusion and "
+        "RISE work as it is)"
+    )
+
+
 def parse_layer_spec(spec: str) -> tuple[str, int | None]:
     """'_swish@1' -> ('_swish', 1); 'layer4' -> ('layer4', None)."""
     name, sep, call = spec.rpartition("@")
@@ -152,6 +168,8 @@ def find_layer(module: nn.Module, calls: list[LayerCall], spec: str | nn.Module 
         return spec
     if isinstance(module, torch.jit.ScriptModule):
         raise ModelError(SCRIPTED_LAYERS)
+    if getattr(module, "cnnscope_black_box", None):  # an ONNX Runtime session: no layers to hook
+        raise MethodError(module.cnnscope_black_box)
     if isinstance(spec, nn.Module):
         for name, sub in module.named_modules():
             if sub is spec and name:
@@ -164,6 +182,8 @@ def find_layer(module: nn.Module, calls: list[LayerCall], spec: str | nn.Module 
         raise LayerNotFoundError(f"layer must be a dotted module name, got {spec!r}")
     name, call = parse_layer_spec(spec.strip())
     named = dict(module.named_modules())
+    if isinstance(named.get(name), torch.jit.ScriptModule):
+        raise ModelError(scripted_submodule_message(module, name))
     if name not in named or not name:
         hint = did_you_mean(name, [n for n in named if n])
         raise LayerNotFoundError(f"layer {name!r} not found{hint} (cnnscope layers, or Model.layers(), lists them)")
@@ -219,3 +239,79 @@ def format_table(calls: list[LayerCall]) -> str:
         for r in rows
     ]
     return "\n".join(lines)
+
+
+def token_default_layer(model) -> LayerRef:
+    """The default layer of a transformer (a :class:`~cnnscope.models.Model` whose patch tokens come after
+    its last spatial map): the last layer of patch tokens, as wide as the features the head reads, whose
+    patch tokens reach those features. In a ViT with a class token that is the last block's input norm
+    (``blocks.11.norm1``, ``encoder.layers.encoder_layer_11.ln_1``): everything after the last attention
+    only feeds patch tokens that the head ignores, and layers inside a block (``attn.qkv``: q, k and v side
+    by side; ``mlp.fc1``) have another width. Leading class, distillation and register tokens are dropped
+    by the layer's layout.
+
+    Reachability comes from the structure, not from the head's weights: one probe forward records the head's
+    input (the features the last layer with the output's shape reads) and a fixed random direction of it is
+    back-propagated, so a freshly built model whose head is all zeros gets the same layer as a trained one."""
+    from ..hooks import capture
+    from ..tokens import token_grid
+
+    if getattr(model.module, "cnnscope_black_box", None):  # an ONNX Runtime session: no layers to hook
+        raise MethodError(model.module.cnnscope_black_box)
+    size = model.preprocess.size
+    calls = model.calls()
+    rows = [
+        row
+        for row in calls
+        if row.tensor_output and len(row.output_shape) == 3 and token_grid(row.output_shape[1], size)
+    ]
+    if not rows:
+        raise ModelError(
+            "no layer of this model outputs a spatial (N, C, H, W) map or a (N, tokens, D) sequence of patch "
+            "tokens; pass layer=... explicitly (cnnscope layers lists them)"
+        )
+    output_shape = model._output_shape
+    named = dict(model.module.named_modules())
+    heads = [
+        row
+        for row in calls
+        if row.tensor_output and row.output_shape[1:] == output_shape[1:] and not list(named[row.name].children())
+    ]
+    head_inputs: list[torch.Tensor] = []
+
+    def record_input(module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            head_inputs.append(args[0])
+
+    refs = [model.layer(row.key) for row in rows]
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(1, model.preprocess.channels, *size, generator=generator).to(model.device)
+    handles = [named[row.name].register_forward_pre_hook(record_input) for row in {r.name: r for r in heads}.values()]
+    try:
+        with (
+            preserved(model.module, warn_if_training=False),
+            capture(model.module, refs) as record,
+            torch.enable_grad(),
+        ):
+            logits = model(probe)
+            present = [ref for ref in refs if ref.key in record.activations]
+            # The head's inputs (two for a distilled DeiT), else the scores themselves for a model without one.
+            targets = head_inputs or [logits]
+            directions = [torch.randn(t.shape, generator=generator).to(t) for t in targets]
+            grads = torch.autograd.grad(
+                targets, [record[ref.key] for ref in present], grad_outputs=directions, allow_unused=True
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    widths = {int(t.shape[-1]) for t in head_inputs}
+    order = {row.key: row.finished for row in rows}
+    reaching = [
+        ref
+        for ref, grad in zip(present, grads, strict=True)
+        if grad is not None and float(grad[:, token_grid(ref.output_shape[1], size)[0] :].abs().max()) > 0
+    ]
+    if not reaching:
+        raise ModelError("no layer of patch tokens reaches this model's output; pass layer=... explicitly")
+    as_wide = [ref for ref in reaching if ref.output_shape[-1] in widths]
+    return max(as_wide or reaching, key=lambda ref: order[ref.key])

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .._registry import MODELS
-from ..errors import ModelError
+from ..errors import CnnscopeWarning, ModelError
 from .labels import imagenet_labels
 from .model import Model
 from .preprocess import Preprocess
@@ -57,3 +60,59 @@ def efficientnet_lite0(weights: bool = True, num_classes: int | None = None) -> 
     module.eval()
     labels = imagenet_labels() if classes == 1000 else None
     return Model(module, labels=labels, preprocess=Preprocess((224, 224)), name="efficientnet_lite0")
+
+
+#: torchvision and timm architectures offered by name (web page's model list, README), when their package imports.
+OFFERED = {
+    "torchvision": (
+        "resnet50",
+        "vgg16",
+        "densenet121",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "convnext_tiny",
+        "regnet_y_400mf",
+        "vit_b_16",
+        "swin_t",
+        "maxvit_t",
+    ),
+    "timm": (
+        "resnet18",
+        "convnext_nano",
+        "efficientnet_b0",
+        "vit_small_patch16_224",
+        "deit_small_distilled_patch16_224",
+    ),
+}
+
+
+@functools.cache
+def _imports(package: str) -> bool:
+    try:
+        importlib.import_module(package)
+    except Exception:  # not installed, or a torchvision built for another torch
+        return False
+    return True
+
+
+def offered_models() -> list[str]:
+    """``"torchvision:NAME"`` and ``"timm:NAME"`` models to offer by name, for the packages that import here."""
+    return [f"{package}:{name}" for package, names in OFFERED.items() if _imports(package) for name in names]
+
+
+def load_offered(name: str) -> Model:
+    """``load_model(name)`` with its pretrained weights, or, where they cannot be fetched (no network), with
+    random weights and a warning that says so."""
+    from .loaders import load_model
+
+    try:
+        return load_model(name)
+    except ModelError as exc:
+        if "pretrained weights" not in str(exc):
+            raise
+        warnings.warn(
+            f"{name}: the pretrained weights could not be fetched, so it runs with random weights",
+            CnnscopeWarning,
+            stacklevel=2,
+        )
+        return load_model(name, weights=False)

@@ -40,6 +40,7 @@ from ..errors import CnnscopeError, InputError, ModelError
 from ..io import load_image
 from ..methods import method_listing
 from ..models import DEFAULT_MODEL, Model, load_model
+from ..models.zoo import load_offered, offered_models
 from ..progress import Cancelled, cancellable, check_cancelled
 from ..render.colormaps import DIVERGING, SEQUENTIAL, colorize, default_colormap
 from ..render.overlay import png_bytes
@@ -154,16 +155,18 @@ def create_app(
     def model_name_of(name: str | None) -> str:
         """Check a client's model name against the zoo (no path is ever loaded)."""
         name = name or model
-        if name not in models and name not in MODELS:
+        if name not in models and name not in MODELS and name not in offered_models():
             raise ModelError(
-                f"unknown model {name!r}; choose one of {', '.join(sorted(set(models) | set(MODELS.names())))}"
+                f"unknown model {name!r}; choose one of "
+                f"{', '.join(sorted(set(models) | set(MODELS.names())) + offered_models())}"
             )
         return name
 
     def get_model(name: str) -> tuple[Model, threading.Lock]:
         """On the model thread only: the model, loaded on first use, and its lock."""
         if name not in models:
-            models[name] = load_model(name)
+            # torchvision/timm names: pretrained weights, or random ones (with a warning) when offline
+            models[name] = load_offered(name) if name in offered_models() else load_model(name)
             locks[name] = threading.Lock()
         return models[name], locks[name]
 
@@ -239,7 +242,7 @@ def create_app(
     async def list_models_route() -> dict:
         return {
             "default": model,
-            "models": sorted(set(models) | set(MODELS.names())),
+            "models": sorted(set(models) | set(MODELS.names())) + [n for n in offered_models() if n not in models],
             "colormaps": list(SEQUENTIAL + DIVERGING),
             "samples": list(SAMPLES),
         }
