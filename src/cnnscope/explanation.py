@@ -48,7 +48,7 @@ class Explanation:
     """
 
     raw: torch.Tensor
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     targets: torch.Tensor
     scores: torch.Tensor
     probabilities: torch.Tensor
@@ -67,16 +67,18 @@ class Explanation:
     # -- access ----------------------------------------------------------------------------------
     @cached_property
     def maps(self) -> torch.Tensor:
-        if tuple(self.raw.shape[-2:]) == tuple(self.input_size):
+        if tuple(self.raw.shape[2:]) == tuple(self.input_size):
             return self.raw
-        return F.interpolate(self.raw, size=self.input_size, mode="bilinear", align_corners=False)
+        mode = "bilinear" if self.raw.ndim == 4 else "trilinear"  # volumes and clips: trilinear
+        return F.interpolate(self.raw, size=tuple(self.input_size), mode=mode, align_corners=False)
 
     def __len__(self) -> int:
         return self.raw.shape[0]
 
     def __repr__(self) -> str:
-        b, k, h, w = self.raw.shape
-        return f"Explanation({self.method}, {b} image(s) x {k} target(s), raw {h}x{w}, layer={self.layer})"
+        b, k, *spatial = self.raw.shape
+        size = "x".join(map(str, spatial))
+        return f"Explanation({self.method}, {b} image(s) x {k} target(s), raw {size}, layer={self.layer})"
 
     def items(self) -> Iterator[tuple[int, int]]:
         """(image, target slot) pairs that hold a target (skips -1 padding)."""
@@ -120,17 +122,29 @@ class Explanation:
         """``maps`` scaled per map for display: to [0, 1] by the maximum (negative parts clipped),
         or to [-1, 1] by the largest magnitude when the method is signed. All-zero maps stay zero."""
         maps = self.maps.detach().float()
+        space = tuple(range(2, maps.ndim))
         if self.signed:
-            scale = maps.abs().amax(dim=(2, 3), keepdim=True)
+            scale = maps.abs().amax(dim=space, keepdim=True)
             return torch.where(scale > 0, maps / scale.clamp_min(1e-30), torch.zeros_like(maps))
         positive = maps.clamp_min(0)
-        scale = positive.amax(dim=(2, 3), keepdim=True)
+        scale = positive.amax(dim=space, keepdim=True)
         return torch.where(scale > 0, positive / scale.clamp_min(1e-30), torch.zeros_like(maps))
 
-    def peak(self, i: int = 0, k: int = 0) -> tuple[int, int]:
-        """(x, y) of the map's maximum, in the original image's pixels."""
+    def peak(self, i: int = 0, k: int = 0) -> tuple[int, ...]:
+        """(x, y) of the map's maximum, in the original image's pixels; (x, y, z) for a volume, in its voxels (z the
+        slice; x the column, the last axis of an ``.npy``; y the row), and (x, y, t) for a clip, t the index among
+        the frames given to the model (``Clip.frames[t]`` is the input frame; the CLI reports that one)."""
         self._check(i, k)
         heat = self.maps[i, k]
+        if heat.ndim == 3:
+            depth_in, height_in, width_in = heat.shape
+            z, rest = divmod(int(torch.argmax(heat)), height_in * width_in)
+            y, x = divmod(rest, width_in)
+            shape = self.images[i].shape[:3] if self.images[i].ndim == 4 else (depth_in, height_in, width_in)
+            return tuple(
+                int(min(n - 1, (v + 0.5) * n / m))
+                for v, n, m in ((x, shape[2], width_in), (y, shape[1], height_in), (z, shape[0], depth_in))
+            )
         flat = int(torch.argmax(heat))
         height, width = heat.shape
         y, x = divmod(flat, width)
@@ -150,6 +164,12 @@ class Explanation:
         """The map blended over the original image, as (H, W, 3) uint8."""
         self._check(i, k)
         heat = self.normalized()[i, k].cpu().numpy()
+        if heat.ndim == 3:  # a volume or clip: planes through the peak (render.slices)
+            from .render.slices import volume_montage
+
+            return volume_montage(
+                self.images[i], heat, self.peak(i, k), alpha=alpha, colormap=colormap, signed=self.signed
+            )
         return blend(
             self.images[i],
             heat,
@@ -171,7 +191,10 @@ class Explanation:
             if ii == i
         ]
         top = [(short_name(p.label), p.probability) for p in self.top[i][:top_k]]
-        return explanation_figure(self.images[i], overlays, top, title=self.names[i])
+        picture = self.images[i]
+        if picture.ndim == 4:  # a volume or clip: the slice through the first map's peak
+            picture = picture[self.peak(i, next(k for ii, k in self.items() if ii == i))[2]]
+        return explanation_figure(picture, overlays, top, title=self.names[i])
 
     def save(self, directory: str | os.PathLike, *, alpha: float = 0.5, colormap: str | None = None) -> list[Path]:
         """Write one overlay PNG per (image, target): ``NAME_METHOD_CLASS.png``. Returns the paths."""

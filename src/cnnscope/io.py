@@ -1,4 +1,5 @@
-"""Reading images: every format Pillow reads, always ending as an RGB uint8 array.
+"""Reading images: every format Pillow reads, as an RGB uint8 array for display (``load_image``) or as the
+stored values and channels for a model (``read_image``).
 
 ``load_image`` applies the EXIF orientation, converts grayscale, RGBA (composited on white),
 palette, CMYK and 16-bit images to 8-bit RGB, takes the first frame of animations, and refuses
@@ -69,6 +70,64 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndarr
             return _open_and_convert(handle, name, max_pixels)
     except PermissionError:
         raise InputError(f"{name}: permission denied") from None
+
+
+def read_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read one image as it is stored, for a model: a channels-last (H, W, C) array in its own dtype (uint8,
+    uint16, int32, float32), C being 1 for grey, 3 for RGB, 4 for RGBA, or N for a multi-page TIFF (one page
+    per channel) or an ``.npy`` array (H, W) or (H, W, C). Scaling to [0, 1] is the model's preprocessing
+    (:func:`~cnnscope.models.preprocess.unit_range`): 16-bit and float values are never wrapped into 8 bits.
+    Arrays are returned as they are (a view, never modified)."""
+    name = _describe(source)
+    if isinstance(source, np.ndarray):
+        return _native_array(source, name)
+    if isinstance(source, Image.Image):
+        _check_size(source.size, name, max_pixels)
+        return _pil_native(source, name)
+    if isinstance(source, bytes):
+        if not source:
+            raise InputError(f"{name} is empty (0 bytes)")
+        return _open_native(_io.BytesIO(source), name, max_pixels)
+    if not isinstance(source, (str, os.PathLike)):
+        return load_image(source)  # the same one-line error for anything else
+    path = Path(source)
+    if path.suffix.lower() == ".npy" and path.is_file():
+        return _native_array(read_npy(path), name)
+    if not path.exists() or path.is_dir() or path.stat().st_size == 0:
+        return load_image(source)  # its one-line errors
+    try:
+        with path.open("rb") as handle:
+            return _open_native(handle, name, max_pixels)
+    except PermissionError:
+        raise InputError(f"{name}: permission denied") from None
+
+
+def read_npy(path: str | os.PathLike) -> np.ndarray:
+    """A ``.npy`` file's array (no pickles: a file cannot run code)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"'{os.fspath(path)}' is not a readable .npy array ({exc})") from None
+
+
+def display_rgb(image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """A channels-last image of any dtype and channel count (as :func:`read_image` gives) as the (H, W, 3)
+    uint8 picture under an overlay: grey as grey, RGB as it is, RGBA composited on white, other channel counts
+    as the grey mean of their channels. Values are scaled as the model's preprocessing scales them."""
+    from .models.preprocess import unit_range
+
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.dtype == np.uint8 and image.shape[-1] == 3 and window is None:
+        return image
+    pixels = unit_range(image, window)
+    channels = pixels.shape[-1]
+    if channels == 4:
+        pixels = pixels[..., :3] * pixels[..., 3:4] + (1.0 - pixels[..., 3:4])
+    elif channels != 3:
+        pixels = pixels.mean(axis=-1, keepdims=True) if channels > 1 else pixels
+    rgb = np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.repeat(rgb, 3, axis=-1) if rgb.shape[-1] == 1 else rgb
 
 
 def load_images(sources: Iterable[ImageSource], *, max_pixels: int = MAX_PIXELS) -> list[np.ndarray]:
@@ -145,6 +204,81 @@ def _open_and_convert(handle: _io.IOBase, name: str, max_pixels: int) -> np.ndar
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise InputError(f"{name} is truncated or corrupt ({exc})") from None
         return _pil_to_rgb(image, name)
+
+
+def _open_native(handle: _io.IOBase, name: str, max_pixels: int) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(handle)
+        except UnidentifiedImageError:
+            raise InputError(f"{name} is not an image (no format Pillow reads recognises it)") from None
+        except Image.DecompressionBombError as exc:
+            raise InputError(f"{name} is over the limit of pixels that decode safely ({exc})") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise InputError(f"{name} cannot be read: {exc}") from None
+        _check_size(image.size, name, max_pixels)
+        try:
+            frames = int(getattr(image, "n_frames", 1) or 1)
+            if image.format == "TIFF" and frames > 1:  # a multi-page TIFF: one page per channel
+                pages = []
+                for index in range(frames):
+                    image.seek(index)
+                    image.load()
+                    page = _pil_native(image, name)
+                    if pages and page.shape[:2] != pages[0].shape[:2]:
+                        raise InputError(
+                            f"{name}: page {index} is {page.shape[1]}x{page.shape[0]} but page 0 is "
+                            f"{pages[0].shape[1]}x{pages[0].shape[0]}; the pages of a multi-channel TIFF must match"
+                        )
+                    pages.append(page)
+                dtype = np.result_type(*[page.dtype for page in pages])
+                return np.concatenate([page.astype(dtype) for page in pages], axis=-1)
+            image.seek(0)  # first frame of an animation
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise InputError(f"{name} is truncated or corrupt ({exc})") from None
+        return _pil_native(image, name)
+
+
+def _pil_native(image: Image.Image, name: str) -> np.ndarray:
+    """A decoded PIL image as channels-last values in their own dtype (see :func:`read_image`)."""
+    with contextlib.suppress(Exception):
+        image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)[:, :, None]
+    if mode in ("I", "F"):
+        return np.asarray(image)[:, :, None]
+    if mode in ("L", "RGB"):
+        values = np.asarray(image, dtype=np.uint8)
+        return values[:, :, None] if mode == "L" else values
+    if mode in ("1",):
+        return np.asarray(image.convert("L"), dtype=np.uint8)[:, :, None]
+    if mode in ("LA", "La"):
+        values = np.asarray(image.convert("LA"), dtype=np.float32)
+        alpha = values[:, :, 1:2] / 255.0
+        return np.round(values[:, :, :1] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in image.info):
+        return np.asarray(image.convert("RGBA"), dtype=np.uint8)
+    return _pil_to_rgb(image, name)
+
+
+def _native_array(array: np.ndarray, name: str) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3:
+        raise InputError(
+            f"{name} has shape {tuple(array.shape)}; expected (H, W) or (H, W, C) (channels last; for a (C, H, W) "
+            "tensor, pass it to the model as a preprocessed batch instead)"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0 or array.shape[2] == 0:
+        raise InputError(f"{name} has no pixels (shape {tuple(array.shape)})")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) or np.iscomplexobj(array):
+        raise InputError(f"{name} has dtype {array.dtype}; use integers, floats or bools")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    return array
 
 
 def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:

@@ -82,6 +82,8 @@ class Layout:
 def layout_of(shape: tuple[int, ...], input_size: tuple[int, int]) -> Layout | None:
     """The :class:`Layout` of a layer output of ``shape`` for a model input of ``input_size``; None when
     the output is not a map (a vector, or tokens that fill no patch grid)."""
+    if len(shape) == 5:  # a Conv3d's (N, C, D, h, w) volume or clip
+        return Layout("channels-first")
     if len(shape) == 4:
         return Layout("channels-last" if is_channels_last(shape, input_size) else "channels-first")
     if len(shape) == 3:

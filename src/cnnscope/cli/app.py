@@ -18,8 +18,9 @@ import typer
 from .. import __version__
 from .._registry import METHODS, MODELS
 from ..errors import CnnscopeError, CnnscopeWarning, InputError
-from ..io import find_images, load_image
+from ..io import find_images, load_image, read_image
 from ..models import DEFAULT_MODEL, Model, load_model
+from ..models.loaders import RANDOM_WEIGHTS
 from ..options import parse_pairs
 from ..runner import Interrupted
 from ..targets import parse_target_text
@@ -40,12 +41,16 @@ TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow unpickling
 MultiOpt = Annotated[bool, typer.Option("--multilabel", help="sigmoid scores (multi-label model)")]
 LabelsOpt = Annotated[Path | None, typer.Option("--labels", help="text file, one class label per line")]
 SizeOpt = Annotated[
-    str | None, typer.Option("--size", help="model input size H[,W] (a model file brings no preprocessing)")
+    str | None,
+    typer.Option("--size", help="model input size H[,W], or D,H,W for a volume (T,H,W for a clip)"),
 ]
 MeanOpt = Annotated[
     str | None, typer.Option("--mean", help="normalization mean, one value per channel: R,G,B or one for grey")
 ]
 StdOpt = Annotated[str | None, typer.Option("--std", help="normalization std, one value per channel (as --mean)")]
+WindowOpt = Annotated[
+    str | None, typer.Option("--window", help="LOW,HIGH: raw values mapped to [0, 1], clipped outside (CT, X-ray)")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="an unreadable image is an error, not a skip")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or warnings")]
@@ -79,19 +84,24 @@ def _numbers(flag: str, text: str, *, integer: bool = False) -> tuple:
     return tuple(values)
 
 
-def _preprocess(base, size: str | None, mean: str | None, std: str | None):
+def _preprocess(base, size: str | None, mean: str | None, std: str | None, window: str | None = None):
     """The model's own preprocessing with --size, --mean and --std applied (None when none is given).
     --mean alone implies std 1 per channel, --std alone mean 0, so ``--mean 0 --std 1`` means one grey channel."""
     import dataclasses
 
-    if size is None and mean is None and std is None:
+    if size is None and mean is None and std is None and window is None:
         return None
     changes: dict = {}
     if size is not None:
         dims = _numbers("--size", size, integer=True)
-        if len(dims) not in (1, 2) or min(dims) < 1:
-            raise InputError(f"--size takes H or H,W (positive whole numbers), got '{size}'")
-        changes["size"] = (dims[0], dims[-1])
+        if len(dims) not in (1, 2, 3) or min(dims) < 1:
+            raise InputError(f"--size takes H, H,W or D,H,W (positive whole numbers), got '{size}'")
+        changes["size"] = (dims[0], dims[-1]) if len(dims) < 3 else dims
+    if window is not None:
+        bounds = _numbers("--window", window)
+        if len(bounds) != 2 or not bounds[0] < bounds[1]:
+            raise InputError(f"--window takes LOW,HIGH with LOW < HIGH (e.g. --window -1000,400), got '{window}'")
+        changes["window"] = bounds
     if mean is not None or std is not None:
         means = _numbers("--mean", mean) if mean is not None else None
         stds = _numbers("--std", std) if std is not None else None
@@ -111,6 +121,7 @@ def _load(
     size: str | None = None,
     mean: str | None = None,
     std: str | None = None,
+    window: str | None = None,
 ) -> Model:
     label_list = None
     if labels is not None:
@@ -126,7 +137,13 @@ def _load(
         multilabel=multilabel or None,
         labels=label_list,
     )
-    preprocess = _preprocess(loaded.preprocess, size, mean, std)
+    if loaded.name.endswith(RANDOM_WEIGHTS) and not _state["quiet"]:  # torchvision:/timm: with --no-weights
+        typer.echo(
+            f"cnnscope: note: {model} runs with random weights (--no-weights): its maps show the architecture, "
+            "not what a trained model looks at",
+            err=True,
+        )
+    preprocess = _preprocess(loaded.preprocess, size, mean, std, window)
     return loaded if preprocess is None else load_model(loaded, preprocess=preprocess)
 
 
@@ -134,15 +151,16 @@ def _print_json(document: object) -> None:
     typer.echo(json.dumps(document, indent=2))
 
 
-def _read_images(paths: list[Path], strict: bool = False) -> tuple[list, list[str], list[dict]]:
+def _read_images(paths: list[Path], strict: bool = False, native: bool = False) -> tuple[list, list[str], list[dict]]:
     """The readable images among ``paths`` (folders expanded), their names, and the files skipped with
     the reason: an unreadable file does not stop the others (``--strict`` makes it an error), but nothing
-    readable at all is an error."""
+    readable at all is an error. ``native``: as stored (grey, 16-bit, N channels; see ``read_image``) for a
+    model's own preprocessing, else RGB uint8."""
     files = find_images(paths)
     pictures, names, skipped = [], [], []
     for path in files:
         try:
-            pictures.append(load_image(path))
+            pictures.append(read_image(path) if native else load_image(path))
             names.append(path.stem)
         except InputError as exc:
             if strict:
@@ -154,6 +172,43 @@ def _read_images(paths: list[Path], strict: bool = False) -> tuple[list, list[st
         for entry in skipped:
             sys.stderr.write(f"cnnscope: skipped {entry['reason']}\n")
     return pictures, names, skipped
+
+
+def _read_volumes(paths: list[Path], strict: bool = False, frames: int = 16) -> tuple[list, list[str], list[dict]]:
+    """Volumes and clips for a 3-D model: NIfTI, ``.npy`` and TIFF-stack files, DICOM series folders, and video
+    files, GIFs and folders of frames, sampled to the model's ``frames`` (T). A folder of volume or video files is
+    expanded. Unreadable ones are skipped as ``_read_images`` skips images."""
+    from ..io_volumes import CLIP_SUFFIXES, VOLUME_SUFFIXES, read_volume
+
+    def is_volume_file(path: Path) -> bool:
+        return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES + CLIP_SUFFIXES)
+
+    sources: list[Path] = []
+    for path in paths:
+        inside = sorted(p for p in path.iterdir() if is_volume_file(p)) if path.is_dir() else []
+        sources.extend(inside or [path])
+    volumes, names, skipped = [], [], []
+    for path in sources:
+        try:
+            volumes.append(read_volume(path, frames=frames))
+            names.append(path.name.split(".")[0] or path.name)
+        except InputError as exc:
+            if strict:
+                raise
+            skipped.append({"path": str(path), "reason": str(exc)})
+    if not volumes:
+        raise InputError(skipped[0]["reason"] if len(skipped) == 1 else f"none of the {len(skipped)} paths is a volume")
+    if not _state["quiet"]:
+        for entry in skipped:
+            sys.stderr.write(f"cnnscope: skipped {entry['reason']}\n")
+    return volumes, names, skipped
+
+
+def _read_inputs(model: Model, paths: list[Path], strict: bool) -> tuple[list, list[str], list[dict]]:
+    """Images, or volumes for a model whose input is 3-D (its first layer a Conv3d, or --size D,H,W)."""
+    if model.preprocess.spatial_dims == 3:
+        return _read_volumes(paths, strict, frames=model.preprocess.size[0])
+    return _read_images(paths, strict, native=True)
 
 
 def _targets(values: list[str] | None, top_k: int | None) -> object:
@@ -186,14 +241,15 @@ def predict(
     size: SizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    window: WindowOpt = None,
     strict: StrictOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Top-k predictions with probabilities."""
     _state["quiet"] = quiet
-    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels, size, mean, std)
-    pictures, names, skipped = _read_images(images, strict)
+    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels, size, mean, std, window)
+    pictures, names, skipped = _read_inputs(loaded, images, strict)
     results = []
     for start in range(0, len(pictures), 16):
         for name, predictions in zip(
@@ -241,6 +297,7 @@ def explain(
     size: SizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    window: WindowOpt = None,
     counterfactual: Annotated[bool, typer.Option("--counterfactual", help="negated gradients (Grad-CAM)")] = False,
     relu: Annotated[bool | None, typer.Option("--relu/--no-relu", help="clip negative map values")] = None,
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0)] = 0.5,
@@ -261,8 +318,8 @@ def explain(
         from ..render.colormaps import lookup_table
 
         lookup_table(colormap)
-    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels, size, mean, std)
-    pictures, names, skipped = _read_images(images, strict)
+    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels, size, mean, std, window)
+    pictures, names, skipped = _read_inputs(loaded, images, strict)
     try:
         summary = _run(
             loaded,
@@ -389,6 +446,14 @@ def faithfulness(
         f"  deletion AUC {summary['deletion_auc']:.3f} (lower is better), insertion AUC "
         f"{summary['insertion_auc']:.3f} (higher is better)"
     )
+    for name, baseline in summary["baselines"].items():
+        typer.echo(
+            f"  a {name.replace('_', ' ')} map: deletion {baseline['deletion_auc']:.3f}, insertion "
+            f"{baseline['insertion_auc']:.3f}"
+        )
+    for curve, beaten in summary["beats_random"].items():
+        if not beaten:
+            typer.echo(f"  the {curve} curve does not beat the random maps: it says little about this map")
     after = removed["prediction_after"]
     typer.echo(
         f"  without the top {removed['fraction']:.0%}: {removed['probability_after']:.1%}, now "

@@ -248,7 +248,7 @@ class Method:
             layer_key = self.layer.key
         return Explanation(
             raw=raw.cpu(),
-            input_size=(int(batch.tensor.shape[-2]), int(batch.tensor.shape[-1])),
+            input_size=tuple(int(v) for v in batch.tensor.shape[2:]),  # (H, W), or (D, H, W) for volumes and clips
             targets=targets.cpu(),
             scores=scores.cpu(),
             probabilities=self.model.probabilities(logits).cpu(),

@@ -30,7 +30,7 @@ from ..errors import MethodError
 from ..hooks import LayerRef, capture
 from ..models import Model
 from ..models.labels import short_name
-from ..options import Options, choice, flag, integer
+from ..options import Options, choice, flag, integer, number
 from ..progress import check_cancelled
 from .base import INPUTS_PER_PASS, MAX_NOTES, Computed, Method, auto_images_per_pass, register_method
 from .gradient import REDUCE
@@ -174,7 +174,7 @@ class CAMBase(Method):
         per_target = sum(view.numel() * view.element_size() for view in views)
         chunk = max(1, min(k_total, GRADIENT_BUDGET_BYTES // max(1, per_target)))
         analytic = None
-        if len(refs) == 1 and refs[0].layout.is_map and k_total >= ANALYTIC_MIN_TARGETS:
+        if len(refs) == 1 and refs[0].layout.is_map and outputs[0].ndim == 4 and k_total >= ANALYTIC_MIN_TARGETS:
             analytic = linear_tail_gradients(self.model, refs[0], outputs[0], logits, targets)
         backwards = 1 if analytic is not None else 0  # the one backward pass that verified the closed form
         if analytic is not None:
@@ -204,7 +204,7 @@ class CAMBase(Method):
         """sum_c weights * A (channel or element-wise weights; A centred for ``centred`` variants), the ReLU,
         and zeros where there is no target."""
         if self.centred:
-            view = view - view.mean(dim=(-2, -1), keepdim=True)
+            view = view - view.flatten(2).mean(dim=-1).view(*view.shape[:2], *([1] * (view.ndim - 2)))
         weights = weights.to(view.dtype)
         if weights.ndim == 3:  # (B, k, C) @ (B, C, h*w): one batched matrix product
             maps = torch.bmm(weights, view.flatten(2)).view(*weights.shape[:2], *view.shape[2:])
@@ -212,7 +212,8 @@ class CAMBase(Method):
             maps = (weights * view.unsqueeze(1)).sum(dim=2)
         if self.config.get("relu", True):
             maps = torch.relu(maps)
-        return torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
+        present = (targets >= 0).view(*targets.shape, *([1] * (maps.ndim - 2)))  # 2-D maps or 3-D volumes
+        return torch.where(present, maps, torch.zeros_like(maps))
 
     def explain_layers(
         self,
@@ -290,7 +291,8 @@ def find_linear_head(model, layer) -> tuple[nn.Linear | None, str]:
 def is_gap_linear(head: nn.Linear, activations: torch.Tensor, logits: torch.Tensor) -> tuple[bool, float]:
     """Whether logits == head(mean over space of activations) on this input, and the largest gap."""
     with torch.no_grad():
-        predicted = torch.nn.functional.linear(activations.detach().mean(dim=(2, 3)), head.weight, head.bias)
+        pooled = activations.detach().flatten(2).mean(dim=2)  # over every spatial dim (2-D maps, 3-D volumes)
+        predicted = torch.nn.functional.linear(pooled, head.weight, head.bias)
         error = float((predicted - logits.detach()).abs().max())
         scale = 1.0 + float(logits.detach().abs().max())
     return error <= 1e-3 * scale, error
@@ -325,10 +327,11 @@ def linear_tail_gradients(
 
 
 def spatial_mean(gradients: torch.Tensor) -> torch.Tensor:
-    """Mean over the last two dims; free for the closed-form gradients (expanded, stride 0)."""
-    if gradients.stride(-1) == 0 and gradients.stride(-2) == 0:
+    """Mean over the spatial dims of (B, K, C, *spatial) gradients (two for maps, three for volumes); free for
+    the closed-form gradients (expanded, stride 0)."""
+    if gradients.ndim == 5 and gradients.stride(-1) == 0 and gradients.stride(-2) == 0:
         return gradients[..., 0, 0]
-    return gradients.mean(dim=(-2, -1))
+    return gradients.flatten(3).mean(dim=3)
 
 
 def layer_target_gradients(
@@ -449,10 +452,11 @@ class GradCAMPlusPlus(CAMBase):
             area = gradients.shape[-1] * gradients.shape[-2]
             gradients = gradients[..., :1, :1]
         squared = gradients.pow(2)
-        totals = activations.sum(dim=(-2, -1), keepdim=True).unsqueeze(1)  # (B, 1, C, 1, 1)
+        space = tuple(range(2, activations.ndim))  # the spatial dims: 2 for maps, 3 for volumes
+        totals = activations.sum(dim=space, keepdim=True).unsqueeze(1)  # (B, 1, C, 1, 1)
         denominator = 2 * squared + totals * squared * gradients
         alpha = torch.where(gradients != 0, squared / torch.where(denominator != 0, denominator, 1.0), 0.0)
-        return (alpha * torch.relu(gradients)).sum(dim=(-2, -1)) * area
+        return (alpha * torch.relu(gradients)).flatten(3).sum(dim=3) * area
 
 
 @register_method("xgradcam")
@@ -462,9 +466,9 @@ class XGradCAM(CAMBase):
     summary = "axiom-based Grad-CAM: activation-weighted gradients (Fu et al. 2020)"
 
     def weights(self, activations, gradients, targets, run):
-        totals = activations.sum(dim=(-2, -1), keepdim=True)
+        totals = activations.sum(dim=tuple(range(2, activations.ndim)), keepdim=True)
         share = (activations / torch.where(totals != 0, totals, 1.0)).unsqueeze(1)
-        return (share * gradients).sum(dim=(-2, -1))
+        return (share * gradients).flatten(3).sum(dim=3)
 
 
 @register_method("hirescam")
@@ -521,9 +525,11 @@ class EigenCAM(CAMBase):
 def _normalized_masks(activations: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Each channel upsampled to the input (bilinear, corners aligned, as pytorch-grad-cam) and scaled
     to [0, 1]; constant channels give all-zero masks."""
-    upsampled = F.interpolate(activations, size=size, mode="bilinear", align_corners=True)
-    low = upsampled.flatten(2).amin(dim=2)[..., None, None]
-    high = upsampled.flatten(2).amax(dim=2)[..., None, None]
+    mode = "bilinear" if len(size) == 2 else "trilinear"  # volumes: trilinear
+    upsampled = F.interpolate(activations, size=size, mode=mode, align_corners=True)
+    extent = (*upsampled.shape[:2], *([1] * len(size)))
+    low = upsampled.flatten(2).amin(dim=2).view(extent)
+    high = upsampled.flatten(2).amax(dim=2).view(extent)
     return (upsampled - low) / (high - low + 1e-8)
 
 
@@ -549,7 +555,7 @@ class ScoreCAM(CAMBase):
         weights = torch.zeros((batch, targets.shape[1], channels), dtype=torch.float32, device=activations.device)
         images = run.images
         for b in range(batch):
-            masks = _normalized_masks(activations[b : b + 1].transpose(0, 1), tuple(images.shape[-2:]))  # (C,1,H,W)
+            masks = _normalized_masks(activations[b : b + 1].transpose(0, 1), tuple(images.shape[2:]))  # (C,1,*size)
             flat = activations[b].flatten(1)
             varying = (flat.amax(1) != flat.amin(1)).nonzero().flatten()
             constant = (flat.amax(1) == flat.amin(1)).nonzero().flatten()
@@ -594,7 +600,7 @@ class AblationCAM(CAMBase):
         original = run.logits.gather(1, safe)  # (B, K)
         head, _ = find_linear_head(self.model, run.layer)
         if head is not None and is_gap_linear(head, activations, run.logits)[0]:
-            drop = head.weight.detach()[safe] * activations.mean(dim=(2, 3)).unsqueeze(1)  # (B, K, C): y - y_c
+            drop = head.weight.detach()[safe] * activations.flatten(2).mean(dim=2).unsqueeze(1)  # (B, K, C): y - y_c
         else:
             drop = self._ablated_drops(run, original, safe)
         denominator = torch.where(original.abs() > 1e-12, original, torch.full_like(original, 1e-12))
@@ -665,4 +671,98 @@ class GuidedGradCAM(Method):
             backwards=cam.backwards + guided.backwards,
             notes=cam.notes,
             channels=channels,
+        )
+
+
+@register_method("gradcam-elementwise")
+class GradCAMElementWise(CAMBase):
+    """Grad-CAM element-wise (pytorch-grad-cam's ``GradCAMElementWise``): map = ReLU(sum_c ReLU(g[c] * A[c])),
+    the positive parts of gradient x activation summed over channels; element-wise weights g where g A > 0."""
+
+    summary = "sum over channels of ReLU(gradient x activation) (pytorch-grad-cam's element-wise Grad-CAM)"
+
+    def weights(self, activations, gradients, targets, run):
+        return gradients * (gradients * activations.unsqueeze(1) > 0)
+
+
+@register_method("eigengradcam")
+class EigenGradCAM(CAMBase):
+    """Eigen-Grad-CAM (pytorch-grad-cam's ``EigenGradCAM``): the (h*w, C) matrix of gradient x activation,
+    centred per channel, projected on its first right singular vector, per target. The singular vector's sign
+    is fixed so that the map correlates positively with sum_c g A (HiResCAM's map; pytorch-grad-cam leaves it
+    to chance). The override returns the projected map itself, not channel weights."""
+
+    summary = "first principal component of gradient x activation (pytorch-grad-cam's Eigen-Grad-CAM)"
+
+    def weights(self, activations, gradients, targets, run):
+        product = (gradients * activations.unsqueeze(1)).flatten(3).transpose(2, 3).double()  # (B, K, hw, C)
+        centred = product - product.mean(dim=2, keepdim=True)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        projection = (centred @ vh[..., 0, :].unsqueeze(-1)).squeeze(-1)  # (B, K, hw)
+        evidence = product.sum(dim=3)
+        agreement = ((projection - projection.mean(-1, True)) * (evidence - evidence.mean(-1, True))).sum(-1)
+        sign = torch.where(agreement < 0, -1.0, 1.0).to(projection.dtype).unsqueeze(-1)
+        return (projection * sign).view(*gradients.shape[:2], *activations.shape[2:])
+
+    def _combine(self, weights, view, targets):
+        maps = weights.to(view.dtype)  # the maps themselves (see weights)
+        if self.config.get("relu", True):
+            maps = torch.relu(maps)
+        present = (targets >= 0).view(*targets.shape, *([1] * (maps.ndim - 2)))
+        return torch.where(present, maps, torch.zeros_like(maps))
+
+
+@register_method("finercam")
+class FinerCAM(CAMBase):
+    """Finer-CAM (Zhang et al. 2025; pytorch-grad-cam's ``FinerCAM`` over Grad-CAM): Grad-CAM of the score
+
+        S = sum_j p_j (y_c - alpha y_j) / sum_j p_j
+
+    over the ``compared`` classes j whose logits are closest to the target's (fixed from the image's logits),
+    p = softmax of the logits (differentiated, as pytorch-grad-cam does): the target's evidence minus
+    ``alpha`` times that of the classes most like it, so the map shows what tells them apart."""
+
+    summary = "Grad-CAM of the target minus its most similar classes (Finer-CAM, Zhang et al. 2025)"
+    options: ClassVar[Options] = CAMBase.options | Options(
+        alpha=number(1.0, "how much of the similar classes' evidence is subtracted", low=0, high=100),
+        compared=integer(3, "how many of the most similar classes are compared", low=1, high=100),
+    )
+
+    def weights(self, activations, gradients, targets, run):
+        return spatial_mean(gradients)
+
+    def compute(self, batch, resolve):
+        with capture(self.model.module, [self.layer]) as record, torch.inference_mode(False), torch.enable_grad():
+            logits = self.model(batch)
+            output = record[self.layer.key]
+        targets = resolve(logits.detach())
+        safe = targets.clamp_min(0)
+        count = min(int(self.config["compared"]), logits.shape[1] - 1)
+        distance = (logits.detach().unsqueeze(1) - logits.detach().gather(1, safe).unsqueeze(2)).abs()
+        distance = distance.scatter(2, safe.unsqueeze(2), float("inf"))
+        compared = distance.argsort(dim=2, stable=True)[..., :count]  # (B, K, n)
+        flat = compared.flatten(1)
+        others = logits.gather(1, flat).view_as(compared)
+        weights = torch.softmax(logits, dim=1).gather(1, flat).view_as(compared)
+        main = logits.gather(1, safe).unsqueeze(2)
+        alpha = float(self.config["alpha"])
+        scores = (weights * (main - alpha * others)).sum(dim=2) / (weights.sum(dim=2) + 1e-9)  # (B, K)
+        scores = scores * (targets >= 0).to(scores.dtype)
+        grads = [
+            torch.autograd.grad(scores[:, k].sum(), output, retain_graph=k < targets.shape[1] - 1)[0]
+            for k in range(targets.shape[1])
+        ]
+        gradients = self.layer.layout.to_map(torch.stack(grads, dim=1).flatten(0, 1)).unflatten(0, targets.shape)
+        if self.config.get("counterfactual"):
+            gradients = -gradients
+        view = self.layer.layout.to_map(output.detach())
+        run = LayerRun(self.model, self.layer, batch, logits.detach(), output.detach())
+        maps = self._combine(self.weights(view, gradients, targets, run), view, targets)
+        return Computed(
+            raw=maps,
+            logits=logits.detach(),
+            targets=targets,
+            forwards=record.forwards,
+            backwards=targets.shape[1],
+            notes=self._empty_map_notes(maps, targets, self.layer.key),
         )

@@ -27,11 +27,12 @@ from ..progress import check_cancelled
 from .base import INPUTS_PER_PASS, Computed, Method, auto_images_per_pass, register_method
 from .modifiers import modified_backprop
 
+# over the channel axis of (B, K, C, *spatial) attributions (2 spatial dims for pictures, 3 for volumes and clips)
 REDUCTIONS = {
-    "max-abs": lambda a: a.abs().amax(dim=-3),
-    "abs-sum": lambda a: a.abs().sum(dim=-3),
-    "l2": lambda a: a.pow(2).sum(dim=-3).sqrt(),
-    "sum": lambda a: a.sum(dim=-3),
+    "max-abs": lambda a: a.abs().amax(dim=2),
+    "abs-sum": lambda a: a.abs().sum(dim=2),
+    "l2": lambda a: a.pow(2).sum(dim=2).sqrt(),
+    "sum": lambda a: a.sum(dim=2),
 }
 
 
@@ -53,6 +54,12 @@ def picked_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.
 def input_gradients(model, batch: torch.Tensor, targets_of, *, modifier: str | None = None):
     """(gradients (B, K, C, H, W), logits, targets, backward passes) for one forward pass of ``model`` (a
     :class:`~cnnscope.models.Model`)."""
+    if modifier and any(isinstance(sub, torch.jit.ScriptModule) for sub in model.module.modules()):
+        raise MethodError(
+            f"the {modifier} backprop modifier cannot reach the activations inside this model's TorchScript code, so "
+            "its map would be the plain gradient; give the model as an eager nn.Module or an ONNX export (every "
+            "method), or use saliency, integrated-gradients, smoothgrad, occlusion or rise"
+        )
     inputs = batch.detach().clone().requires_grad_(True)
     context = modified_backprop(model.module, modifier) if modifier else contextlib.nullcontext()
     with torch.inference_mode(False), torch.enable_grad():
@@ -214,6 +221,8 @@ class IntegratedGradients(GradientMethod):
         if given == "black":
             return self.model.preprocess.normalize(torch.zeros_like(batch)).contiguous()
         if given == "blur":
+            if batch.ndim != 4:
+                raise MethodError("the 'blur' baseline is for pictures; use 'black' or 'noise' for volumes and clips")
             return gaussian_blur(batch.detach(), float(self.config["blur_sigma"]))
         if given == "noise":
             generator = torch.Generator().manual_seed(int(self.config["seed"]))
@@ -236,13 +245,14 @@ class IntegratedGradients(GradientMethod):
         for start in range(0, len(alphas), per_pass):
             a = alphas[start : start + per_pass].to(batch.device)
             w = weights[start : start + per_pass].to(batch.device)
-            points = (baseline.unsqueeze(0) + a.view(-1, 1, 1, 1, 1).to(batch.dtype) * delta.unsqueeze(0)).flatten(0, 1)
+            along = a.view(-1, *([1] * batch.ndim)).to(batch.dtype)
+            points = (baseline.unsqueeze(0) + along * delta.unsqueeze(0)).flatten(0, 1)
             step_targets = targets.repeat(len(a), 1)
             grads, _, _, passes = input_gradients(self.model, points, lambda _logits, t=step_targets: t)
             forwards, backwards = forwards + 1, backwards + passes
             check_cancelled()
             grads = grads.view(len(a), b, k_total, *batch.shape[1:]).double()
-            total += (grads * w.view(-1, 1, 1, 1, 1, 1)).sum(dim=0)
+            total += (grads * w.view(-1, *([1] * (grads.ndim - 1)))).sum(dim=0)
         attributions = (total * delta.unsqueeze(1).double()).float()
         valid = targets >= 0
         gain = logits.gather(1, targets.clamp_min(0)) - baseline_logits.gather(1, targets.clamp_min(0))

@@ -24,6 +24,7 @@ outputs probabilities) unless a method's ``score_kind`` says ``"logit"``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -100,8 +101,7 @@ class PerturbationMethod(Method):
 
     def estimated_work(self, targets: int = 1) -> int:
         """The unperturbed pass and every perturbation (their number from ``start`` on a blank input)."""
-        channels, (height, width) = self.model.preprocess.channels, self.model.preprocess.size
-        blank = torch.zeros(1, channels, height, width)
+        blank = torch.zeros(self.model.preprocess.input_shape())
         run = Perturbed(blank, torch.zeros(targets, dtype=torch.long), torch.zeros(targets), 0, 1)
         self.start(run)
         return 1 + run.total
@@ -148,7 +148,8 @@ class PerturbationMethod(Method):
             notes += self._constant_notes(run, high - low)
         progress.close()
         maps = torch.stack([run.maps for run in runs]).float()
-        maps = torch.where((targets >= 0)[:, :, None, None], maps, torch.zeros_like(maps))
+        present = (targets >= 0).view(*targets.shape, *([1] * (maps.ndim - 2)))  # pictures, volumes and clips
+        maps = torch.where(present, maps, torch.zeros_like(maps))
         extra = {key: [run.extra[key] for run in runs] for key in runs[0].extra}
         extra["precision"] = [precision] * batch.shape[0]
         return Computed(raw=maps, logits=outputs, targets=targets, forwards=forwards, notes=notes, extra=extra)
@@ -232,8 +233,10 @@ class PerturbationMethod(Method):
         if fill == "grey":
             return self.normalize(torch.full_like(pixels, 0.5))
         if fill == "mean":
-            return self.normalize(pixels.mean(dim=(2, 3), keepdim=True).expand_as(pixels))
+            return self.normalize(pixels.mean(dim=tuple(range(2, pixels.ndim)), keepdim=True).expand_as(pixels))
         if fill == "blur":
+            if image.ndim != 4:
+                raise MethodError("the 'blur' fill is for pictures; use grey, mean, zero or noise for volumes or clips")
             return gaussian_blur(image, max(1.0, image.shape[-1] / 32))
         if fill == "zero":
             return torch.zeros_like(image)
@@ -279,44 +282,51 @@ class Occlusion(PerturbationMethod):
     def score_kind(self) -> str:
         return str(self.config["score"])
 
+    # Written over the spatial dims: a window x window patch of a picture, a window^3 cube of a volume or clip.
     def start(self, run: Perturbed) -> None:
         window, stride = int(self.config["window"]), int(self.config["stride"])
-        height, width = run.image.shape[-2:]
-        if window > min(height, width):
-            raise MethodError(f"window must be 1 to {min(height, width)} pixels for a {height}x{width} input")
-        ys, xs = _positions(height, window, stride), _positions(width, window, stride)
+        spatial = tuple(int(n) for n in run.image.shape[2:])
+        if window > min(spatial):
+            raise MethodError(f"window must be 1 to {min(spatial)} pixels for a {'x'.join(map(str, spatial))} input")
+        axes = [_positions(n, window, stride) for n in spatial]
         generator = torch.Generator().manual_seed(int(self.config["seed"]))
-        run.total = len(ys) * len(xs)
+        positions = list(itertools.product(*axes))
+        run.total = len(positions)
         run.state.update(
-            positions=[(y, x) for y in ys for x in xs],
-            columns=len(xs),
+            positions=positions,
+            grid=tuple(len(axis) for axis in axes),
             fill=self.fill_for(run.image, str(self.config["fill"]), generator),
-            sums=torch.zeros((len(run.targets), height, width), device=run.image.device),
-            counts=torch.zeros((height, width), device=run.image.device),
-            winners=torch.full((len(ys) * len(xs),), -1, dtype=torch.long),
+            sums=torch.zeros((len(run.targets), *spatial), device=run.image.device),
+            counts=torch.zeros(spatial, device=run.image.device),
+            winners=torch.full((len(positions),), -1, dtype=torch.long),
         )
 
+    def _box(self, position: tuple[int, ...]) -> tuple[slice, ...]:
+        window = int(self.config["window"])
+        return tuple(slice(start, start + window) for start in position)
+
     def make(self, run, start, stop):
-        window, fill = int(self.config["window"]), run.state["fill"]
-        occluded = run.image.repeat(stop - start, 1, 1, 1)
-        for row, (y, x) in enumerate(run.state["positions"][start:stop]):
-            occluded[row, :, y : y + window, x : x + window] = fill[0, :, y : y + window, x : x + window]
+        fill = run.state["fill"]
+        occluded = run.image.repeat(stop - start, *([1] * (run.image.ndim - 1)))
+        for row, position in enumerate(run.state["positions"][start:stop]):
+            box = (slice(None), *self._box(position))
+            occluded[(row, *box)] = fill[(0, *box)]
         return occluded
 
     def take(self, run, start, scores):
-        window, state = int(self.config["window"]), run.state
+        state = run.state
         drops = run.base - run.picked(scores)  # (n, K)
-        for row, (y, x) in enumerate(state["positions"][start : start + len(scores)]):
-            state["sums"][:, y : y + window, x : x + window] += drops[row][:, None, None]
+        for row, position in enumerate(state["positions"][start : start + len(scores)]):
+            box = self._box(position)
+            state["sums"][(slice(None), *box)] += drops[row].view(-1, *([1] * len(box)))
         state["winners"][start : start + len(scores)] = scores.argmax(dim=1).cpu()
 
     def finish(self, run):
-        window = int(self.config["window"])
         counts = run.state["counts"]
-        for y, x in run.state["positions"]:  # every patch, so a stopped run keeps the same scale
-            counts[y : y + window, x : x + window] += 1
+        for position in run.state["positions"]:  # every patch, so a stopped run keeps the same scale
+            counts[self._box(position)] += 1
         run.maps = run.state["sums"] / counts.clamp_min(1)
-        run.extra["winners"] = run.state["winners"].view(-1, run.state["columns"]).tolist()
+        run.extra["winners"] = run.state["winners"].view(*run.state["grid"]).tolist()
 
 
 @register_method("rise")
@@ -348,22 +358,40 @@ class RISE(PerturbationMethod):
         dx = torch.randint(0, cell_w, (count,), generator=generator)
         return torch.stack([up[i, :, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(count)])
 
+    def volume_masks_for(self, count: int, size: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """The masks of a volume or clip: ``cells`` per side on every spatial dim, upsampled trilinearly and
+        shifted at random by up to one cell on each."""
+        cells, keep = int(self.config["cells"]), float(self.config["keep"])
+        steps = [math.ceil(n / cells) for n in size]
+        grid = (torch.rand((count, 1, *([cells] * len(size))), generator=generator) < keep).float()
+        up = F.interpolate(grid, size=[(cells + 1) * s for s in steps], mode="trilinear", align_corners=False)
+        shifts = torch.stack([torch.randint(0, s, (count,), generator=generator) for s in steps], dim=1)
+        return torch.stack(
+            [
+                up[(i, slice(None), *(slice(int(o), int(o) + n) for o, n in zip(shifts[i], size, strict=True)))]
+                for i in range(count)
+            ]
+        )
+
     def start(self, run):
         run.total = int(self.config["masks"])
         run.state.update(
             pixels=self.pixels(run.image),
             generator=torch.Generator().manual_seed(int(self.config["seed"])),  # same masks alone or in a batch
-            sums=torch.zeros((len(run.targets), *run.image.shape[-2:]), device=run.image.device),
+            sums=torch.zeros((len(run.targets), *run.image.shape[2:]), device=run.image.device),
         )
 
     def make(self, run, start, stop):
-        height, width = run.image.shape[-2:]
-        masks = self.masks_for(stop - start, height, width, run.state["generator"]).to(run.image.device)
+        size = tuple(int(n) for n in run.image.shape[2:])
+        if len(size) == 2:
+            masks = self.masks_for(stop - start, *size, run.state["generator"]).to(run.image.device)
+        else:
+            masks = self.volume_masks_for(stop - start, size, run.state["generator"]).to(run.image.device)
         run.state["masks"] = masks
         return self.normalize(run.state["pixels"] * masks)
 
     def take(self, run, start, scores):
-        run.state["sums"] += torch.einsum("nk,nhw->khw", run.picked(scores), run.state.pop("masks")[:, 0])
+        run.state["sums"] += torch.einsum("nk,n...->k...", run.picked(scores), run.state.pop("masks")[:, 0])
 
     def finish(self, run):
         run.maps = run.state["sums"] / (max(1, run.done) * float(self.config["keep"]))

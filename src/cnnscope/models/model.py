@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,14 +19,20 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import InputError, ModelError
+from ..errors import CnnscopeWarning, InputError, ModelError
 from ..hooks import LayerRef
-from ..io import ImageSource, load_image
+from ..io import ImageSource, display_rgb, read_image
 from ..state import model_lock, preserved
 from ..tokens import layout_of
 from .labels import short_name
 from .layers import LayerCall, default_layer_name, find_layer, format_table, trace_calls
-from .preprocess import Preprocess
+from .preprocess import Preprocess, preprocess_for
+
+#: Input sizes tried, in order, for a model file that brings no preprocessing and fails at the default size.
+TRIED_SIZES = {
+    2: ((28, 28), (32, 32), (64, 64), (96, 96), (128, 128), (224, 224), (256, 256), (299, 299), (384, 384)),
+    3: ((16, 112, 112), (8, 112, 112), (32, 32, 32), (64, 64, 64), (96, 96, 96), (128, 128, 128)),
+}
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,13 @@ class UnnormalizedImages(Sequence):
 
     def _all(self) -> list[np.ndarray]:
         if self._images is None:
-            pixels = self._preprocess.unnormalize(self._tensor.float()).mul(255).round().byte()
+            pixels = self._preprocess.unnormalize(self._tensor.float())
+            if pixels.shape[1] not in (1, 3):  # multispectral: the grey mean of its channels
+                pixels = pixels.mean(dim=1, keepdim=True)
+            pixels = pixels.mul(255).round().byte()
             if pixels.shape[1] == 1:  # grey: shown as a grey RGB picture under the colour map
-                pixels = pixels.expand(-1, 3, -1, -1)
-            self._images = list(pixels.permute(0, 2, 3, 1).cpu().numpy())
+                pixels = pixels.expand(-1, 3, *pixels.shape[2:])
+            self._images = list(pixels.movedim(1, -1).cpu().numpy())
         return self._images
 
     def __len__(self) -> int:
@@ -141,7 +151,10 @@ class Model:
         if not isinstance(module, nn.Module):
             raise ModelError(f"Model needs a torch.nn.Module, got {type(module).__name__}")
         self.module = module
-        self.preprocess = preprocess or Preprocess()
+        #: whether the preprocessing was read from the model's first layer (none was given): its size is then
+        #: searched for when the default one fails
+        self.guessed_preprocess = preprocess is None
+        self.preprocess = preprocess if preprocess is not None else preprocess_for(module)[0]
         self.multilabel = bool(multilabel)
         self.name = name or type(module).__name__
         self._labels = [str(label) for label in labels] if labels is not None else None
@@ -152,7 +165,7 @@ class Model:
 
     def __repr__(self) -> str:
         kind = "multi-label" if self.multilabel else "single-label"
-        return f"Model({self.name!r}, {kind}, input {self.preprocess.size[0]}x{self.preprocess.size[1]})"
+        return f"Model({self.name!r}, {kind}, input {'x'.join(str(v) for v in self.preprocess.size)})"
 
     # -- structure -------------------------------------------------------------------------------
     @property
@@ -172,8 +185,7 @@ class Model:
 
     def _trace(self) -> None:
         if self._calls is None:
-            example = torch.zeros(1, self.preprocess.channels, *self.preprocess.size, device=self.device)
-            self._calls, self._output_shape = trace_calls(self.module, example, self.select)
+            self._calls, self._output_shape = self._first_trace()
             if len(self._output_shape) != 2:
                 raise ModelError(
                     f"the model returns shape {self._output_shape} for one image; a classifier must "
@@ -184,6 +196,45 @@ class Model:
                     f"{len(self._labels)} labels given but the model has {self._output_shape[1]} outputs; "
                     "give one label per output"
                 )
+
+    def _first_trace(self) -> tuple[list[LayerCall], tuple[int, ...]]:
+        """Trace one blank input of the preprocessing's shape. A model that brought no preprocessing (its channels
+        read from its first layer) is tried at the usual sizes when the default fails, and the size that runs is
+        kept with a note. A model that fails at every size raises one line naming the shape tried and the flags
+        that give the right one."""
+        first = self.preprocess
+        try:
+            return trace_calls(self.module, torch.zeros(first.input_shape(), device=self.device), self.select)
+        except ModelError as exc:
+            failure = exc
+        if self.guessed_preprocess:
+            channel_options = [first] + ([Preprocess()] if first.channels != 3 or first.spatial_dims != 2 else [])
+            for option in channel_options:
+                for size in TRIED_SIZES[option.spatial_dims]:
+                    if option is first and size == first.size:
+                        continue
+                    trial = dataclasses.replace(option, size=size)
+                    try:
+                        blank = torch.zeros(trial.input_shape(), device=self.device)
+                        found = trace_calls(self.module, blank, self.select)
+                    except ModelError:
+                        continue
+                    if len(found[1]) != 2:
+                        continue
+                    self.preprocess = trial
+                    warnings.warn(
+                        f"{self.name}: no preprocessing given; the model runs on {trial.channels}-channel "
+                        f"{'x'.join(map(str, size))} inputs with pixels in [0, 1] (mean 0, std 1) unless told "
+                        "otherwise; set them with --size, --mean, --std (Preprocess(size=..., mean=..., std=...))",
+                        CnnscopeWarning,
+                        stacklevel=3,
+                    )
+                    return found
+        raise ModelError(
+            f"the model fails on a {first.input_shape()} input ({_last_line(failure)}); give the input it takes with "
+            f"--size {'H,W' if first.spatial_dims == 2 else 'D,H,W'}, --mean and --std (one value per channel, e.g. "
+            "--mean 0 --std 1 for one grey channel), or preprocess=Preprocess(size=..., mean=..., std=...)"
+        ) from None
 
     def largest_layer_output(self) -> int:
         """Elements per image of the largest layer output (from the trace; cached with it)."""
@@ -233,6 +284,10 @@ class Model:
         """The last layer with a spatial (N, C, H, W) output: the usual Grad-CAM / CAM target."""
         if isinstance(self.module, torch.jit.ScriptModule):
             return self.layer("")  # raises the TorchScript explanation
+        if self._default is None and any(isinstance(sub, torch.jit.ScriptModule) for sub in self.module.modules()):
+            from .layers import scripted_submodule_message
+
+            raise ModelError(scripted_submodule_message(self.module))
         if self._default is None:
             from ..tokens import token_grid
 
@@ -252,43 +307,11 @@ class Model:
         return self._default
 
     def _token_default_layer(self) -> LayerRef:
-        """For transformers (no spatial map anywhere): the last layer of patch tokens whose tokens still
-        reach the output. Found with one probe forward and backward: in a ViT the last block's input norm
-        qualifies, while everything after its attention only feeds patch tokens that the head ignores."""
-        from ..hooks import capture
-        from ..state import preserved
-        from ..tokens import token_grid
+        """For transformers: the last layer of patch tokens that reaches the head's features (see
+        :func:`~cnnscope.models.layers.token_default_layer`)."""
+        from .layers import token_default_layer
 
-        rows = [
-            row
-            for row in self.calls()
-            if row.tensor_output
-            and len(row.output_shape) == 3
-            and token_grid(row.output_shape[1], self.preprocess.size)
-        ]
-        if not rows:
-            raise ModelError(
-                "no layer of this model outputs a spatial (N, C, H, W) map or a (N, tokens, D) sequence of patch "
-                "tokens; pass layer=... explicitly (cnnscope layers lists them)"
-            )
-        refs = [self.layer(row.key) for row in rows]
-        probe = torch.randn(
-            1, self.preprocess.channels, *self.preprocess.size, generator=torch.Generator().manual_seed(0)
-        ).to(self.device)
-        with preserved(self.module, warn_if_training=False), capture(self.module, refs) as record, torch.enable_grad():
-            logits = self(probe)
-            present = [ref for ref in refs if ref.key in record.activations]
-            grads = torch.autograd.grad(logits.sum(), [record[ref.key] for ref in present], allow_unused=True)
-        order = {row.key: row.finished for row in rows}
-        reaching = [
-            ref
-            for ref, grad in zip(present, grads, strict=True)
-            if grad is not None
-            and float(grad[:, token_grid(ref.output_shape[1], self.preprocess.size)[0] :].abs().max()) > 0
-        ]
-        if not reaching:
-            raise ModelError("no layer of patch tokens reaches this model's output; pass layer=... explicitly")
-        return max(reaching, key=lambda ref: order[ref.key])
+        return token_default_layer(self)
 
     # -- data ------------------------------------------------------------------------------------
     def prepare(self, images: object) -> Batch:
@@ -299,9 +322,11 @@ class Model:
         """
         if isinstance(images, torch.Tensor):
             return self._prepare_tensor(images)
-        if isinstance(images, np.ndarray) and images.ndim == 4:
+        if isinstance(images, np.ndarray) and images.ndim == self.preprocess.spatial_dims + 2:
             images = list(images)
-        if isinstance(images, (str, os.PathLike, bytes, Image.Image, np.ndarray)):
+        from ..io_volumes import Volume
+
+        if isinstance(images, (str, os.PathLike, bytes, Image.Image, np.ndarray, Volume)):
             images = [images]
         if not isinstance(images, (list, tuple)):
             raise InputError(
@@ -309,19 +334,48 @@ class Model:
             )
         if not images:
             raise InputError("no images given")
-        originals = [load_image(image) for image in images]
+        self.calls()  # the model runs on inputs of the preprocessing's shape (or one line says which it needs)
+        preprocess = self.preprocess
+        if preprocess.spatial_dims == 3:
+            return self._prepare_volumes(images)
+        stored = [read_image(image) for image in images]
+        notes = dict.fromkeys(note for note in map(preprocess.conversion_note, stored) if note)
+        for note in notes:
+            warnings.warn(f"{self.name}: {note}", CnnscopeWarning, stacklevel=3)
         names = [_name_of(image, index) for index, image in enumerate(images)]
-        tensor = self.preprocess(originals).to(self.device)
+        tensor = preprocess(stored).to(self.device)
+        originals = [display_rgb(image, preprocess.window) for image in stored]
         return Batch(tensor=tensor, originals=originals, names=names)
 
+    def _prepare_volumes(self, sources: list) -> Batch:
+        """Volumes (paths, DICOM folders, arrays (D, H, W[, C]) or :class:`~cnnscope.io_volumes.Volume`) -> a
+        (N, C, D, H, W) batch; a DICOM file's own window applies when none is given."""
+        from ..io_volumes import read_volume
+
+        volumes = [read_volume(source, frames=self.preprocess.size[0]) for source in sources]
+        tensors, originals = [], []
+        for volume in volumes:
+            preprocess = self.preprocess
+            if preprocess.window is None and volume.window is not None:
+                preprocess = dataclasses.replace(preprocess, window=volume.window)
+            note = preprocess.conversion_note(volume.values)
+            if note:
+                warnings.warn(f"{self.name}: {note}", CnnscopeWarning, stacklevel=4)
+            tensors.append(preprocess([volume.values]))
+            originals.append(display_rgb(volume.values, preprocess.window))
+        names = [_name_of(source, index) for index, source in enumerate(sources)]
+        return Batch(tensor=torch.cat(tensors).to(self.device), originals=originals, names=names)
+
     def _prepare_tensor(self, tensor: torch.Tensor) -> Batch:
-        if tensor.ndim == 3:
-            tensor = tensor.unsqueeze(0)
         channels = self.preprocess.channels
-        if tensor.ndim != 4 or tensor.shape[1] != channels:
+        dims = self.preprocess.spatial_dims
+        if tensor.ndim == dims + 1:
+            tensor = tensor.unsqueeze(0)
+        if tensor.ndim != dims + 2 or tensor.shape[1] != channels:
+            spatial = "H, W" if dims == 2 else "D, H, W"
             raise InputError(
-                f"a tensor input must be a preprocessed (N, {channels}, H, W) or ({channels}, H, W) batch for this "
-                f"model, got shape {tuple(tensor.shape)}"
+                f"a tensor input must be a preprocessed (N, {channels}, {spatial}) or ({channels}, {spatial}) batch "
+                f"for this model, got shape {tuple(tensor.shape)}"
             )
         if tensor.shape[0] == 0:
             raise InputError("the input batch is empty")
@@ -402,6 +456,17 @@ class Model:
             ]
             for row in range(probs.shape[0])
         ]
+
+
+def _last_line(error: BaseException) -> str:
+    """The informative line of a model's failure: a TorchScript error ends with the Python-side message after
+    its own traceback, so the last non-empty line of the cause (or of the error itself)."""
+    cause = error.__cause__ or error
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(cause).__name__
+    if not text.startswith(type(cause).__name__) and ":" not in text[:40]:
+        text = f"{type(cause).__name__}: {text}"
+    return text[:300]
 
 
 def _name_of(image: ImageSource, index: int) -> str:
