@@ -16,9 +16,16 @@ LIGHT = {
     "rise": {"masks": 24},
     "lime": {"samples": 40, "segments": 8},
     "patches": {"grid": 2},
+    "deeplift-shap": {"references": 2, "blur_sigma": 2},
+    "gradient-shap": {"samples": 4, "references": 2, "blur_sigma": 2},
+    "kernel-shap": {"samples": 40, "segments": 8},
 }
 #: On the 224x224 default model: a few large patches are enough to check the contract.
-LIGHT_DEFAULT = {"occlusion": {"window": 112, "stride": 112}, "lime": {"samples": 30, "segments": 10}}
+LIGHT_DEFAULT = {
+    "occlusion": {"window": 112, "stride": 112},
+    "lime": {"samples": 30, "segments": 10},
+    "kernel-shap": {"samples": 30, "segments": 10},
+}
 
 
 def light(name: str) -> dict:

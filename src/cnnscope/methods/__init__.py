@@ -7,7 +7,10 @@ from .cam import (
     AblationCAM,
     CAMBase,
     EigenCAM,
+    EigenGradCAM,
+    FinerCAM,
     GradCAM,
+    GradCAMElementWise,
     GradCAMPlusPlus,
     GuidedGradCAM,
     HiResCAM,
@@ -17,24 +20,35 @@ from .cam import (
 )
 from .gradient import Deconvnet, GradientXInput, GuidedBackprop, IntegratedGradients, Saliency
 from .perturbation import LIME, RISE, Occlusion, PatchScoring
+from .propagation import LRP, DeepLift, ExcitationBackprop
+from .shapley import DeepLiftShap, GradientShap, KernelShap
 from .smoothing import SmoothGrad
 
 __all__ = [
     "CAM",
     "LIME",
+    "LRP",
     "RISE",
     "AblationCAM",
     "CAMBase",
     "Computed",
     "Deconvnet",
+    "DeepLift",
+    "DeepLiftShap",
     "EigenCAM",
+    "EigenGradCAM",
+    "ExcitationBackprop",
+    "FinerCAM",
     "GradCAM",
+    "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GradientShap",
     "GradientXInput",
     "GuidedBackprop",
     "GuidedGradCAM",
     "HiResCAM",
     "IntegratedGradients",
+    "KernelShap",
     "LayerCAM",
     "Method",
     "Occlusion",

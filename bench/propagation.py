@@ -1,0 +1,117 @@
+"""LRP / DeepLIFT / excitation backprop and KernelSHAP cost on the default model, as ratios measured in one run
+(run by hand: `.venv/bin/python bench/propagation.py`).
+
+- Each propagation map against the floor: one forward + one backward pass to the input pixels
+  (torch.autograd.grad of the target logit), for the same images and targets. Goal (issue #22): <= 1.3x.
+- kernel-shap at 1,000 samples against LIME at 1,000 samples (same superpixels). Goal: <= 1x.
+- Captum's DeepLift / LRP / GradientShap / KernelShap beside ours where they apply. Captum's DeepLift needs
+  every activation to be its own nn.Module and its LRP a rule for every module: on the default model (one ReLU6
+  module called in every block, static-padding convolutions) they raise, and the script says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import torch
+
+import cnnscope
+from _timing import interleaved, timed
+from cnnscope.samples import sample_image
+
+
+def floor(model, batch, targets):
+    def run():
+        inputs = batch.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(inputs)
+            for k in range(targets.shape[1]):
+                score = logits.gather(1, targets[:, k : k + 1]).sum()
+                torch.autograd.grad(score, inputs, retain_graph=k < targets.shape[1] - 1)
+
+    return run
+
+
+def captum_runs(model, batch, targets):
+    """Captum's methods on the same images, or the one-line reason they do not run."""
+    try:
+        from captum import attr
+    except ImportError:
+        return {}, {"captum": "not installed"}
+    module = model.module.eval()
+    first = targets[:, 0]
+    candidates = {
+        "captum DeepLift": lambda: attr.DeepLift(module).attribute(batch, baselines=batch * 0, target=first),
+        "captum LRP": lambda: attr.LRP(module).attribute(batch, target=first),
+        "captum GradientShap": lambda: attr.GradientShap(module).attribute(
+            batch, baselines=torch.zeros(2, *batch.shape[1:]), target=first, n_samples=8
+        ),
+    }
+    runs, failed = {}, {}
+    for name, run in candidates.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run()
+            runs[name] = run
+        except Exception as error:  # a peer's refusal is a result here
+            failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    return runs, failed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--no-captum", action="store_true", help="leave Captum's methods out")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    model = cnnscope.load_model()
+    batch = model.preprocess([sample_image("chelsea"), sample_image("coffee")])
+    with torch.no_grad():
+        targets = model(batch).topk(2, dim=1).indices
+    report: dict = {}
+    for label, k in (("top-1", 1), ("top-2", 2)):
+        chosen = targets[:, :k]
+        methods = {
+            "floor (forward + backward)": floor(model, batch, chosen),
+            "lrp": lambda c=chosen: cnnscope.get_method("lrp")(model)(batch, c),
+            "lrp epsilon": lambda c=chosen: cnnscope.get_method("lrp")(model, composite="epsilon")(batch, c),
+            "deeplift": lambda c=chosen: cnnscope.get_method("deeplift")(model)(batch, c),
+            "excitation-backprop": lambda c=chosen: cnnscope.get_method("excitation-backprop")(model)(batch, c),
+        }
+        if k == 1 and not args.no_captum:
+            runs, failed = captum_runs(model, batch, chosen)
+            methods.update(runs)
+            report["captum failed"] = failed
+        seconds = interleaved(methods, args.repeat, warmup=1)
+        base = seconds["floor (forward + backward)"]
+        report[label] = {name: round(value / base, 2) for name, value in seconds.items()}
+        report[label]["floor seconds"] = round(base, 3)
+        if not args.json:
+            print(label, json.dumps(report[label]), flush=True)
+    single = batch[:1]
+    shap = cnnscope.get_method("kernel-shap")(model, samples=args.samples, quiet=True)
+    lime = cnnscope.get_method("lime")(model, samples=args.samples, quiet=True)
+    shap_seconds, _ = timed(lambda: shap(single))
+    lime_seconds, _ = timed(lambda: lime(single))
+    report["kernel-shap / lime at samples"] = {
+        "samples": args.samples,
+        "ratio": round(shap_seconds / lime_seconds, 2),
+        "kernel-shap seconds": round(shap_seconds, 2),
+        "lime seconds": round(lime_seconds, 2),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for section, rows in report.items():
+        print(section)
+        for name, value in rows.items() if isinstance(rows, dict) else []:
+            print(f"  {name:32s} {value}")
+
+
+if __name__ == "__main__":
+    main()

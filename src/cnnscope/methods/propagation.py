@@ -1,0 +1,863 @@
+"""Propagation methods: LRP, DeepLIFT and excitation backprop, carried by one TorchFunctionMode.
+
+Each method changes what flows backward through some calls of the forward pass, and nothing else: the
+forward pass computes what the model computes, the model's modules are never replaced, hooked only for
+names (``rules=``) and only inside the call. Like the backprop modifiers (:mod:`.modifiers`) the mode sees
+every call, whether from a module or a functional call, in place or not, and a module called twice is two
+calls. It follows which tensors derive from the input (parameters, buffers and constants do not), so that:
+
+- a convolution / linear call on such a tensor gets the layer's rule (its weights are the call's own);
+- a BatchNorm call whose input is the output of such a call is merged into it (LRP; the arithmetic of
+  :mod:`cnnscope.models.folding`, done on the fly on the call's weights, without copying the model);
+- ``a + b`` of two input-derived tensors (a residual add) splits the relevance in proportion to a and b, and a
+  concatenation passes each part its share, without rewriting the model;
+- average pooling and means use the z-rule (Zennit's ``Norm``); max pooling, reshapes and indexing pass the
+  relevance on as the gradient does (conserving);
+- activations pass the relevance through (LRP), keep the gradient (excitation backprop, as TorchRay) or
+  take the rescale multipliers (DeepLIFT);
+- ``gate * signal`` products (squeeze-excitation, a sigmoid gate) give all relevance to the signal.
+
+Calls the rules do not cover (layer norm, attention matmuls, a softmax for DeepLIFT) keep their plain gradient and are
+named in a warning, so the map is never silently something else.
+
+The backward pass carries relevance itself (LRP, excitation backprop), as Zennit and TorchRay do, or
+DeepLIFT's multipliers, as Captum does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from ..errors import CnnscopeWarning, MethodError
+from ..options import Options, anything, choice, flag, number
+from ..progress import check_cancelled
+from .base import Computed, register_method
+from .gradient import REDUCE, SEED, GradientMethod, gaussian_blur
+from .modifiers import ACTIVATIONS, UNMODIFIED
+
+Tensor = torch.Tensor
+
+CONVOLUTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d}
+CONVOLUTIONS |= {torch.conv_transpose3d}
+DENSE = {F.linear}
+AVERAGES = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
+AVERAGES |= {F.adaptive_avg_pool3d, torch.mean, Tensor.mean}
+SUMS = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
+DIFFERENCES = {torch.sub, Tensor.sub, Tensor.sub_, Tensor.__sub__, Tensor.__isub__, Tensor.__rsub__}
+PRODUCTS = {torch.mul, Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__}
+QUOTIENTS = {torch.div, Tensor.div, Tensor.div_, Tensor.__truediv__, Tensor.__itruediv__}
+MAXPOOLS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}
+MAXPOOLS |= {F.adaptive_max_pool3d}
+BATCHNORM = {F.batch_norm}
+GATES = {torch.sigmoid, F.sigmoid, Tensor.sigmoid, Tensor.sigmoid_, F.hardsigmoid, torch.tanh, F.tanh, Tensor.tanh}
+GATES |= {F.softmax, torch.softmax, Tensor.softmax}
+SOFTMAXES = {F.softmax, torch.softmax, Tensor.softmax, F.log_softmax, torch.log_softmax, Tensor.log_softmax}
+#: Out-of-place versions of in-place unary calls the rules replace.
+OUT_OF_PLACE = {Tensor.sigmoid_: torch.sigmoid, Tensor.tanh_: torch.tanh}
+#: Calls that mix input-derived values nonlinearly and that no rule here covers: they keep their gradient and
+#: are named in a warning.
+UNCOVERED = {
+    F.softmax: "softmax",
+    torch.softmax: "softmax",
+    Tensor.softmax: "softmax",
+    F.log_softmax: "log_softmax",
+    F.layer_norm: "layer_norm",
+    F.group_norm: "group_norm",
+    F.instance_norm: "instance_norm",
+    torch.matmul: "matmul",
+    Tensor.matmul: "matmul",
+    Tensor.__matmul__: "matmul",
+    torch.bmm: "bmm",
+    torch.einsum: "einsum",
+    F.scaled_dot_product_attention: "scaled_dot_product_attention",
+    torch.exp: "exp",
+    Tensor.exp: "exp",
+    torch.pow: "pow",
+    Tensor.pow: "pow",
+    Tensor.__pow__: "pow",
+    torch.sqrt: "sqrt",
+    torch.rsqrt: "rsqrt",
+    F.normalize: "normalize",
+}
+
+#: Rules a weighted layer (convolution or linear) can take, by name (Zennit's definitions).
+RULES = ("epsilon", "zero", "zplus", "alpha1-beta0", "alpha2-beta1", "gamma", "flat", "wsquare", "zbox", "pass")
+
+#: Composites: (rule of the first weighted layer, of later convolutions, of later linear layers), as Zennit's
+#: composites of the same names (``epsilon`` uses the epsilon rule everywhere, as Captum's LRP default).
+COMPOSITES = {
+    "epsilon-plus-flat": ("flat", "zplus", "epsilon"),
+    "epsilon-plus": ("zplus", "zplus", "epsilon"),
+    "epsilon-gamma-box": ("zbox", "gamma", "epsilon"),
+    "epsilon-alpha2-beta1-flat": ("flat", "alpha2-beta1", "epsilon"),
+    "epsilon-alpha2-beta1": ("alpha2-beta1", "alpha2-beta1", "epsilon"),
+    "epsilon": ("epsilon", "epsilon", "epsilon"),
+}
+
+
+def stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """z + epsilon * sign(z), with sign(0) = +1 (Zennit's stabilizer)."""
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
+
+
+def _swap(t: Tensor) -> Tensor:
+    """[a; b] -> [b; a] over the batch: each image's reference next to it (DeepLIFT runs both halves)."""
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]])
+
+
+def _vjp(fn: Callable, inputs: list[Tensor], seed: Tensor) -> tuple[Tensor, ...]:
+    """The gradients of fn(*inputs) w.r.t. ``inputs`` contracted with ``seed``, and fn's output."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(True) for x in inputs]
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out, leaves, seed, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True))
+
+
+class _Rule(torch.autograd.Function):
+    """Forward: ``compute(*inputs)`` as usual (out of place); backward: ``backward(saved, grad)``."""
+
+    @staticmethod
+    def forward(ctx, compute, backward, *inputs):
+        ctx.backward = backward
+        with torch.no_grad():
+            out = compute(*inputs)
+        ctx.save_for_backward(*inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        *inputs, out = ctx.saved_tensors
+        grads = ctx.backward(inputs, out, grad)
+        return (None, None, *grads)
+
+
+@dataclasses.dataclass
+class WeightedCall:
+    """A convolution or linear call: its function, weights, other arguments and the rule it takes. A
+    BatchNorm that reads its output is merged into ``weight`` / ``bias`` before the backward pass runs."""
+
+    func: Callable
+    weight: Tensor
+    bias: Tensor | None
+    rest: tuple
+    kwargs: dict
+    rule: str
+    index: int
+    last: bool = False
+
+    cache: dict = dataclasses.field(default_factory=dict)
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self.func(x, weight, bias, *self.rest, **self.kwargs)
+
+    def input_grad(self, x: Tensor, weight: Tensor, seed: Tensor) -> Tensor:
+        """d <seed, f(x; weight)> / d x without running f again where the call is a plain convolution or a
+        linear layer (their input gradient does not depend on x)."""
+        if self.func is F.linear:
+            return seed @ weight
+        convs = {torch.conv1d: torch.nn.grad.conv1d_input, torch.conv2d: torch.nn.grad.conv2d_input}
+        convs[torch.conv3d] = torch.nn.grad.conv3d_input
+        if self.func in convs:
+            names = ("stride", "padding", "dilation", "groups")
+            defaults = (1, 0, 1, 1)
+            values = [
+                self.rest[i] if i < len(self.rest) else self.kwargs.get(n, d)
+                for i, (n, d) in enumerate(zip(names, defaults, strict=True))
+            ]
+            if not isinstance(values[1], str):
+                with torch.no_grad():
+                    return convs[self.func](x.shape, weight, seed, *values)
+        return _vjp(lambda t: self.apply(t, weight, None), [x], seed)[0]
+
+    def merge(self, mean, var, gamma, beta, eps) -> None:
+        """w <- w * s, b <- (b - mean) * s + beta with s = gamma / sqrt(var + eps), per output channel."""
+        scale = torch.rsqrt(var.double() + eps)
+        if gamma is not None:
+            scale = scale * gamma.double()
+        shift = -mean.double() * scale
+        if beta is not None:
+            shift = shift + beta.double()
+        view = (-1, *([1] * (self.weight.ndim - 1)))  # (out, in / groups, ...): one scale per output channel
+        bias = self.bias.double() * scale + shift if self.bias is not None else shift
+        self.weight = (self.weight.double() * scale.view(view)).to(self.weight.dtype)
+        self.bias = bias.to(self.weight.dtype)
+
+
+class PropagationMode(TorchFunctionMode):
+    """The rules of ``kind`` ("lrp", "excitation", "deeplift"); use :func:`propagating`."""
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        composite: str = "epsilon-plus-flat",
+        rules: dict[str, str] | None = None,
+        epsilon: float = 1e-6,
+        stabilizer: float = 1e-6,
+        gamma: float = 0.25,
+        bounds: tuple[Tensor, Tensor] | None = None,
+        contrastive: bool = False,
+        eps: float = 1e-10,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.first_rule, self.conv_rule, self.dense_rule = COMPOSITES[composite]
+        self.rules = dict(rules or {})
+        self.epsilon, self.stabilizer, self.gamma = epsilon, stabilizer, gamma
+        self.bounds = bounds
+        self.contrastive = contrastive
+        self.eps = eps
+        self.tainted: dict[int, weakref.ref] = {}
+        self.gates: dict[int, weakref.ref] = {}
+        self.producers: dict[int, tuple[weakref.ref, WeightedCall]] = {}
+        self.weighted: list[WeightedCall] = []
+        self.uncovered: dict[str, int] = {}
+        self.activations = 0
+        self.module_stack: list[str] = []
+        self.named_rules_used: set[str] = set()
+
+    # -- which tensors derive from the input
+    def mark(self, t: Tensor, table: dict | None = None) -> None:
+        (self.tainted if table is None else table)[id(t)] = weakref.ref(t)
+
+    def has(self, t: object, table: dict | None = None) -> bool:
+        if not isinstance(t, Tensor):
+            return False
+        ref = (self.tainted if table is None else table).get(id(t))
+        return ref is not None and ref() is t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, _ = tree_flatten((args, kwargs))
+        if not any(self.has(t) for t in flat):
+            return func(*args, **kwargs)
+        result = self.dispatch(func, args, kwargs)
+        for out in tree_flatten(result)[0]:
+            if isinstance(out, Tensor):
+                self.mark(out)
+        if func in GATES and isinstance(result, Tensor):
+            self.mark(result, self.gates)
+        return result
+
+    def dispatch(self, func, args, kwargs):
+        x = args[0] if args else None
+        if (func in CONVOLUTIONS or func in DENSE) and self.has(x) and not self.has(_arg(args, kwargs, 1, "weight")):
+            return self.weighted_call(func, args, kwargs)
+        if func in BATCHNORM and self.has(x):
+            return self.batchnorm(func, args, kwargs)
+        if func in AVERAGES and self.has(x):
+            return self.average(func, args, kwargs)
+        if func in SUMS or func in DIFFERENCES:
+            return self.sum(func, args, kwargs)
+        if func in PRODUCTS:
+            return self.product(func, args, kwargs)
+        if func in QUOTIENTS and len(args) >= 2 and self.has(args[0]) and not self.has(args[1]):
+            return self.scaled(func, args, kwargs)
+        if func in MAXPOOLS and self.kind == "deeplift" and not kwargs.get("return_indices") and self.has(x):
+            return self.maxpool(func, args, kwargs)
+        unary = self.unary(func, args, kwargs)
+        if unary is not None:
+            return unary
+        if func in SOFTMAXES and self.kind != "deeplift" and self.has(x):
+            # an output softmax passes the relevance of a probability on to its logit (conserved)
+            rest = args[1:]
+            return _Rule.apply(lambda t: func(t, *rest, **kwargs), lambda inputs, out, grad: (grad,), x)
+        if func in UNCOVERED:
+            self.uncovered[UNCOVERED[func]] = self.uncovered.get(UNCOVERED[func], 0) + 1
+        if self.has(x):  # the rules' outputs are saved for their backward: never change them in place
+            func = _out_of_place(func)
+        return func(*args, **kwargs)
+
+    # -- convolutions and linear layers
+    def rule_for(self, func, index: int) -> str:
+        for name in reversed(self.module_stack):
+            if name in self.rules:
+                self.named_rules_used.add(name)
+                return self.rules[name]
+        if index == 0:
+            return self.first_rule
+        return self.dense_rule if func in DENSE else self.conv_rule
+
+    def weighted_call(self, func, args, kwargs):
+        x = args[0]
+        weight = _arg(args, kwargs, 1, "weight")
+        bias = _arg(args, kwargs, 2, "bias")
+        rest = tuple(args[3:])
+        extra = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
+        call = WeightedCall(
+            func, weight.detach(), None if bias is None else bias.detach(), rest, extra, "", len(self.weighted)
+        )
+        call.rule = self.rule_for(func, call.index) if self.kind == "lrp" else "excitation"
+        self.weighted.append(call)
+        if self.kind == "deeplift":
+            return func(*args, **kwargs)
+
+        def compute(inp):
+            return call.apply(inp, weight.detach(), None if bias is None else bias.detach())
+
+        def backward(inputs, out, grad):
+            if self.kind == "excitation":
+                return (self.excitation_relevance(call, inputs[0], grad),)
+            return (self.lrp_relevance(call, inputs[0], out, grad),)
+
+        out = _Rule.apply(compute, backward, x)
+        self.producers[id(out)] = (weakref.ref(out), call)
+        return out
+
+    def excitation_relevance(self, call: WeightedCall, x: Tensor, relevance: Tensor) -> Tensor:
+        """TorchRay's rule: x * W+^T (P / (W+ x)), no bias; the classifier of the contrastive form subtracts
+        the same with -W (the dual class)."""
+        return self.relevance(call, x, relevance, self.excitation_terms)
+
+    def excitation_terms(self, call: WeightedCall, x: Tensor) -> list:
+        xp = x.clamp_min(0)  # P stays a probability where a layer's input has negative values
+        terms = []
+        weights = [(call.weight.clamp_min(0), 1.0)]
+        if self.contrastive and call.index == len(self.weighted) - 1:
+            weights.append(((-call.weight).clamp_min(0), -1.0))
+        for weight, coefficient in weights:
+            z = call.apply(xp, weight, None)
+            terms.append((xp, xp, weight, 1.0 / (z + 1e-20), coefficient))
+        return terms
+
+    def lrp_relevance(self, call: WeightedCall, x: Tensor, out: Tensor, relevance: Tensor) -> Tensor:
+        if call.rule == "pass":
+            return relevance if relevance.shape == x.shape else call.input_grad(x, call.weight, relevance)
+        return self.relevance(call, x, relevance, self.lrp_terms)
+
+    @staticmethod
+    def relevance(call: WeightedCall, x: Tensor, relevance: Tensor, terms_of) -> Tensor:
+        """sum over the rule's terms of coefficient * factor * W_t^T (R * inverse_t): the terms do not depend
+        on R, so they are worked out once per call and reused for every target."""
+        if "terms" not in call.cache:
+            with torch.no_grad():
+                call.cache["terms"] = terms_of(call, x)
+        total = None
+        for factor, inp, weight, inverse, coefficient in call.cache["terms"]:
+            part = call.input_grad(inp, weight, relevance * inverse)
+            if factor is not None:
+                part = part * factor
+            if coefficient != 1.0:
+                part = part * coefficient
+            total = part if total is None else total + part
+        return total
+
+    def lrp_terms(self, call: WeightedCall, x: Tensor) -> list:
+        """Zennit's rules as terms (factor, input, weight, 1 / stabilized denominator, coefficient)."""
+        rule, w, b = call.rule, call.weight, call.bias
+        stab = self.stabilizer
+
+        def inverse(z, eps=stab):
+            return 1.0 / stabilize(z, eps)
+
+        def z(inp, weight, bias=None):
+            return call.apply(inp, weight, bias)
+
+        if rule in ("epsilon", "zero"):
+            return [(x, x, w, inverse(z(x, w, b), self.epsilon if rule == "epsilon" else 1e-12), 1.0)]
+        pos, neg = w.clamp_min(0), w.clamp_max(0)
+        bpos = None if b is None else b.clamp_min(0)
+        bneg = None if b is None else b.clamp_max(0)
+        xp = x.clamp_min(0)
+        xn = x - xp if bool((x < 0).any()) else None  # ReLU inputs: the negative branches vanish
+        if rule in ("zplus", "alpha1-beta0", "alpha2-beta1"):
+            alpha, beta = (2.0, 1.0) if rule == "alpha2-beta1" else (1.0, 0.0)
+            up = inverse(z(xp, pos, bpos) + (z(xn, neg) if xn is not None else 0))
+            terms = [(xp, xp, pos, up, alpha)] + ([(xn, xn, neg, up, alpha)] if xn is not None else [])
+            if beta:
+                down = inverse(z(xp, neg, bneg) + (z(xn, pos) if xn is not None else 0))
+                terms += [(xp, xp, neg, down, -beta)] + ([(xn, xn, pos, down, -beta)] if xn is not None else [])
+            return terms
+        if rule == "gamma":
+            g = self.gamma
+            wp, wn = w + g * pos, w + g * neg
+            bp = None if b is None else b + g * bpos
+            bn = None if b is None else b + g * bneg
+            original = z(x, w, b)
+            up = (original > 0).to(x.dtype) * inverse(z(xp, wp, bp) + (z(xn, wn) if xn is not None else 0))
+            down = (original < 0).to(x.dtype) * inverse(z(xp, wn, bn) + (z(xn, wp) if xn is not None else 0))
+            terms = [(xp, xp, wp, up, 1.0), (xp, xp, wn, down, 1.0)]
+            if xn is not None:
+                terms += [(xn, xn, wn, up, 1.0), (xn, xn, wp, down, 1.0)]
+            return terms
+        if rule in ("flat", "wsquare"):
+            ones = torch.ones_like(x)
+            weight = torch.ones_like(w) if rule == "flat" else w * w
+            return [(None, ones, weight, inverse(z(ones, weight)), 1.0)]
+        if rule == "zbox":
+            if self.bounds is None or x.ndim != self.bounds[0].ndim or self.bounds[0].shape[1] != x.shape[1]:
+                raise MethodError(
+                    "the zbox rule needs a layer that reads the input pixels (it bounds them by the "
+                    "preprocessing's range); set it on the first convolution only"
+                )
+            low, high = (bound.expand_as(x) for bound in self.bounds)
+            s = inverse(z(x, w, b) - z(low, pos, bpos) - z(high, neg, bneg))
+            return [(x, x, w, s, 1.0), (low, low, pos, s, -1.0), (high, high, neg, s, -1.0)]
+        raise MethodError(f"unknown LRP rule {rule!r}; choose one of {', '.join(RULES)}")
+
+    # -- batch norm, averages, sums, products
+    def batchnorm(self, func, args, kwargs):
+        if self.kind == "deeplift":
+            return func(*args, **kwargs)
+        x = args[0]
+        params = [_arg(args, kwargs, i, n) for i, n in enumerate(("input", "running_mean", "running_var"))]
+        gamma, beta = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
+        training = bool(_arg(args, kwargs, 5, "training", False))
+        eps = float(_arg(args, kwargs, 7, "eps", 1e-5))
+        producer = self.producers.get(id(x))
+        if (
+            self.kind == "lrp"
+            and producer is not None
+            and producer[0]() is x
+            and not training
+            and params[1] is not None
+            and producer[1].weight.shape[0] == params[1].shape[0]
+            and producer[1].func not in (torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d)
+        ):
+            producer[1].merge(params[1], params[2], gamma, beta, eps)
+        others = [a.detach() if isinstance(a, Tensor) else a for a in args[1:]]
+        return _Rule.apply(
+            lambda inp: func(inp, *others, **kwargs), lambda inputs, out, grad: (grad,), x
+        )  # Zennit / TorchRay: a BatchNorm passes relevance through (after the merge above)
+
+    def average(self, func, args, kwargs):
+        if self.kind == "deeplift":
+            return func(*args, **kwargs)
+        return self.norm(func, args, kwargs, [0])
+
+    def norm(self, func, args, kwargs, positions: list[int]):
+        """The z-rule on the input-derived arguments at ``positions``: R_i = x_i * d z / d x_i * R / z."""
+        stab = self.stabilizer if self.kind == "lrp" else 1e-20
+        args = list(args)
+        tracked = [args[p] for p in positions]
+
+        def compute(*inputs):
+            filled = list(args)
+            for p, t in zip(positions, inputs, strict=True):
+                filled[p] = t
+            return func(*filled, **kwargs)
+
+        positive = self.kind == "excitation"  # P stays a probability: only positive parts share it
+        cache: dict = {}
+
+        def backward(inputs, out, grad):
+            if "inverse" not in cache:
+                with torch.no_grad():
+                    if positive:
+                        inputs = [x.clamp_min(0) for x in inputs]
+                        out = compute(*inputs)
+                    cache["inputs"], cache["inverse"] = inputs, 1.0 / stabilize(out, stab)
+            inputs = cache["inputs"]
+            grads = _vjp(compute, list(inputs), grad * cache["inverse"])
+            return tuple(x * g for x, g in zip(inputs, grads, strict=True))
+
+        return _Rule.apply(compute, backward, *tracked)
+
+    def sum(self, func, args, kwargs):
+        positions = [i for i, a in enumerate(args[:2]) if self.has(a)]
+        if len(positions) < 2 or self.kind == "deeplift" or _arg(args, kwargs, 2, "alpha", 1) != 1:
+            if func in (Tensor.add_, Tensor.sub_):
+                return (torch.add if func is Tensor.add_ else torch.sub)(*args, **kwargs)
+            return func(*args, **kwargs)
+        plain = {Tensor.add_: torch.add, Tensor.__iadd__: torch.add, Tensor.sub_: torch.sub, Tensor.__isub__: torch.sub}
+        return self.norm(plain.get(func, func), args, kwargs, positions)
+
+    def scaled(self, func, args, kwargs):
+        if self.kind != "lrp":
+            return func(*args, **kwargs)
+        plain = {Tensor.div_: torch.div, Tensor.__itruediv__: torch.div}
+        return self.norm(plain.get(func, func), args, kwargs, [0])
+
+    def product(self, func, args, kwargs):
+        plain = {Tensor.mul_: torch.mul, Tensor.__imul__: torch.mul}.get(func, func)
+        a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        both = self.has(a) and self.has(b)
+        if not both:
+            if self.kind == "lrp":
+                return self.norm(plain, args, kwargs, [0 if self.has(a) else 1])
+            return plain(*args, **kwargs)
+        if self.kind == "deeplift":  # Delta(ab) = mean(b) Delta a + mean(a) Delta b, exactly
+
+            def backward(inputs, out, grad):
+                x, y = inputs
+                mx, my = (x + _swap(x)) / 2, (y + _swap(y)) / 2
+                return (grad * my).sum_to_size(x.shape), (grad * mx).sum_to_size(y.shape)
+
+            return _Rule.apply(lambda x, y: plain(x, y), backward, a, b)
+        # LRP / excitation: the signal takes all relevance, the gate none (Arras et al. 2017)
+        gate_a, gate_b = self.has(a, self.gates), self.has(b, self.gates)
+        out_shape = torch.broadcast_shapes(a.shape, b.shape)
+        if gate_a != gate_b:
+            signal_first = gate_b
+        elif a.shape != b.shape:
+            signal_first = tuple(a.shape) == tuple(out_shape)
+        else:
+            signal_first = None
+
+        def backward(inputs, out, grad):
+            x, y = inputs
+            if signal_first is None:
+                return (grad / 2).sum_to_size(x.shape), (grad / 2).sum_to_size(y.shape)
+            if signal_first:
+                return grad.sum_to_size(x.shape), torch.zeros_like(y)
+            return torch.zeros_like(x), grad.sum_to_size(y.shape)
+
+        return _Rule.apply(lambda x, y: plain(x, y), backward, a, b)
+
+    # -- activations and max pooling
+    def unary(self, func, args, kwargs):
+        """Element-wise activations: pass (LRP), the gradient (excitation backprop), rescale (DeepLIFT)."""
+        builder = ACTIVATIONS.get(func)
+        if builder is not None:
+            function, derivative = builder(args, kwargs)
+        elif func in UNMODIFIED or func in OUT_OF_PLACE:
+            base = OUT_OF_PLACE.get(func, func)
+            rest = args[1:]
+
+            def function(t, base=base, rest=rest):
+                return base(t, *rest, **{k: v for k, v in kwargs.items() if k != "inplace"})
+
+            derivative = None
+        else:
+            return None
+        x = args[0]
+        self.activations += 1
+        if self.kind == "excitation":
+            return _Rule.apply(function, lambda inputs, out, grad: _vjp(function, list(inputs), grad), x)
+        if self.kind == "lrp":
+            return _Rule.apply(function, lambda inputs, out, grad: (grad,), x)
+        eps = self.eps
+
+        def rescale(inputs, out, grad):
+            (inp,) = inputs
+            delta_in = inp - _swap(inp)
+            delta_out = out - _swap(out)
+            slope = derivative(inp) if derivative is not None else _vjp(function, [inp], torch.ones_like(inp))[0]
+            safe = torch.where(delta_in.abs() < eps, torch.ones_like(delta_in), delta_in)
+            return (grad * torch.where(delta_in.abs() < eps, slope, delta_out / safe),)
+
+        return _Rule.apply(function, rescale, x)
+
+    def maxpool(self, func, args, kwargs):
+        """DeepLIFT through max pooling (Captum's definition): the output difference is split into the part
+        reached at the image's maxima and the part at the reference's, each divided by its input difference."""
+        eps = self.eps
+        rest = args[1:]
+
+        def pool(t):
+            return func(t, *rest, **kwargs)
+
+        def backward(inputs, out, grad):
+            (inp,) = inputs
+            half = out.shape[0] // 2
+            y, y0 = out[:half], out[half:]
+            top = torch.maximum(y, y0)
+            spread = torch.cat([top - y0, y - top])
+            placed = _vjp(pool, [inp], grad * spread)[0]
+            contributions = placed[:half] + placed[half:]
+            delta_in = inp[:half] - inp[half:]
+            plain = _vjp(pool, [inp], grad)[0][:half]
+            safe = torch.where(delta_in.abs() < eps, torch.ones_like(delta_in), delta_in)
+            multiplier = torch.where(delta_in.abs() < eps, plain, contributions / safe)
+            return (torch.cat([multiplier, multiplier]),)
+
+        return _Rule.apply(pool, backward, args[0])
+
+
+def _out_of_place(func):
+    """The out-of-place twin of an in-place tensor method (``add_`` -> ``add``, ``__iadd__`` -> ``__add__``)."""
+    name = getattr(func, "__name__", "")
+    if name.startswith("__i") and name.endswith("__"):
+        twin = getattr(Tensor, "__" + name[3:], None)
+    elif name.endswith("_") and not name.endswith("__") and getattr(Tensor, name, None) is func:
+        twin = getattr(Tensor, name[:-1], None)
+    else:
+        twin = None
+    return twin if callable(twin) else func
+
+
+def _arg(args, kwargs, index: int, name: str, default=None):
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+@contextmanager
+def propagating(module: nn.Module, inputs: Tensor, kind: str, **settings) -> Iterator[PropagationMode]:
+    """Inside the block, the calls that ``inputs`` flow through backpropagate by ``kind``'s rules. With
+    ``rules`` (layer name -> rule), forward hooks on the model's modules track which module a call is in;
+    they are removed on exit, also after an error."""
+    mode = PropagationMode(kind, **settings)
+    mode.mark(inputs)
+    handles = []
+    try:
+        if mode.rules:
+            names = {name for name, _ in module.named_modules() if name}
+            unknown = sorted(set(mode.rules) - names)
+            if unknown:
+                from .._registry import did_you_mean
+
+                raise MethodError(
+                    f"rules name layer {unknown[0]!r}, which this model does not have"
+                    f"{did_you_mean(unknown[0], sorted(names))}; cnnscope layers MODEL lists them"
+                )
+
+            def enter(name):
+                def hook(module, args):
+                    mode.module_stack.append(name)
+
+                return hook
+
+            def leave(module, args, output):
+                mode.module_stack.pop()
+
+            for name, sub in module.named_modules():
+                if name:
+                    handles.append(sub.register_forward_pre_hook(enter(name)))
+                    handles.append(sub.register_forward_hook(leave, always_call=True))
+        with mode:
+            yield mode
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _warn_uncovered(name: str, mode: PropagationMode) -> None:
+    if mode.uncovered:
+        listed = ", ".join(f"{op} ({count} call{'s' * (count > 1)})" for op, count in mode.uncovered.items())
+        warnings.warn(
+            f"{name} has no rule for these calls, which keep their plain gradient: {listed}; the map is not a pure "
+            f"{name} map on this model",
+            CnnscopeWarning,
+            stacklevel=4,
+        )
+
+
+BASELINES = ("black", "blur", "noise")
+
+
+def baseline_for(method, batch: Tensor) -> Tensor:
+    """IG's baselines: "black" (zero pixels, normalized), "blur", "noise" (seeded), or a tensor."""
+    from .gradient import IntegratedGradients
+
+    return IntegratedGradients.baseline_for(method, batch)
+
+
+class PropagationMethod(GradientMethod):
+    """Base of the propagation methods: one forward pass in the mode, one backward pass per target."""
+
+    kind: ClassVar[str] = "lrp"
+
+    def is_signed(self) -> bool:
+        return self.config["reduce"] == "sum"
+
+    def settings(self, batch: Tensor) -> dict:
+        return {}
+
+    def estimated_work(self, targets: int = 1) -> int:
+        # the rules' own passes through each layer (the modified weights' outputs, once) on top of the gradient's
+        return 2 + 2 * targets
+
+    def seed(self, logits: Tensor, targets: Tensor, k: int) -> Tensor:
+        """What flows back from the outputs for each image's k-th target (zero rows where there is none)."""
+        column = targets[:, k : k + 1]
+        seed = torch.zeros_like(logits).scatter(1, column.clamp_min(0), 1.0)
+        return seed * (column >= 0).to(logits.dtype)
+
+    def propagate(self, batch: Tensor, resolve, reference: Tensor | None = None):
+        """(per-channel input values (B, K, C, ...), logits, targets, mode, reference logits)."""
+        if any(isinstance(sub, torch.jit.ScriptModule) for sub in self.model.module.modules()):
+            raise MethodError(
+                f"{self.name} cannot reach the layers inside this model's TorchScript code, so its rules would not "
+                "apply; give the model as an eager nn.Module, or use saliency, integrated-gradients or occlusion"
+            )
+        b = batch.shape[0]
+        inputs = batch.detach().clone()
+        if reference is not None:
+            inputs = torch.cat([inputs, reference.detach().to(inputs)])
+        inputs.requires_grad_(True)
+        with torch.inference_mode(False), torch.enable_grad():
+            with propagating(self.model.module, inputs, self.kind, **self.settings(batch)) as mode:
+                outputs = self.model(inputs)
+            if not outputs.requires_grad:
+                raise MethodError(
+                    "this model's outputs carry no gradients (a black-box function, or a forward under no_grad); "
+                    "use a perturbation method: occlusion or rise"
+                )
+            logits = outputs[:b]
+            targets = resolve(logits.detach())
+            k_total = targets.shape[1]
+            values = []
+            for k in range(k_total):
+                check_cancelled()
+                seed = self.seed(logits.detach(), targets, k)
+                if reference is not None:
+                    seed = torch.cat([seed, seed])
+                (grad,) = torch.autograd.grad(outputs, inputs, seed, retain_graph=k < k_total - 1)
+                values.append(grad[:b])
+        _warn_uncovered(self.name, mode)
+        reference_logits = outputs[b:].detach() if reference is not None else None
+        return torch.stack(values, dim=1), logits.detach(), targets, mode, reference_logits
+
+    def attributions(self, batch: Tensor, resolve) -> Computed:
+        values, logits, targets, _, _ = self.propagate(batch, resolve)
+        return Computed(
+            raw=values, logits=logits, targets=targets, forwards=1, backwards=targets.shape[1], channels=values
+        )
+
+
+def _rules_check(value):
+    if not isinstance(value, dict):
+        raise ValueError("give a mapping from layer names to rules, e.g. {'features.0': 'zbox'}")
+    for name, rule in value.items():
+        if not isinstance(name, str) or rule not in RULES:
+            raise ValueError(f"{name!r}: {rule!r} is not a rule; choose one of {', '.join(RULES)}")
+    return dict(value)
+
+
+@register_method("lrp")
+class LRP(PropagationMethod):
+    """Layer-wise relevance propagation (Bach et al. 2015; composites as Montavon et al. 2019 and Zennit).
+
+    The target's logit is the relevance at the output; every layer passes its relevance down by its rule
+    (R_in = x * W^T (R_out / z) for LRP-0, with the variants below), so the map sums to the logit minus what
+    the biases absorb. ``composite`` picks the rules as Zennit's composites of the same names: the first
+    weighted layer (in execution order), later convolutions, later linear layers:
+
+    - ``epsilon-plus-flat``: flat, z+, epsilon;  ``epsilon-plus``: z+, z+, epsilon;
+    - ``epsilon-gamma-box``: z-box (bounded by the preprocessing's pixel range), gamma (0.25), epsilon;
+    - ``epsilon-alpha2-beta1-flat``: flat, alpha2-beta1, epsilon;  ``epsilon-alpha2-beta1``: alpha2-beta1 on
+      every convolution, epsilon;  ``epsilon``: epsilon everywhere, pools and sums included (Captum's ``LRP``
+      default: with ``epsilon=1e-9`` the maps equal Captum's).
+
+    Activations (and an output softmax) pass relevance through, BatchNorms are merged into the convolution
+    before them, residual sums and average pools use the z-rule, concatenations and max pooling pass it on as
+    the gradient does.
+    ``rules`` sets a rule per layer name (``{"features.0": "zbox"}``; the innermost named module of a call
+    wins). Zennit computes the same on models of modules with a canonizer; here functional, in-place and
+    reused activations and residual adds need none. Zennit starts from the one-hot output (sum = 1);
+    the maps here are the target logit times Zennit's."""
+
+    summary = "layer-wise relevance propagation with Zennit's composites (Bach et al. 2015)"
+    kind = "lrp"
+    options: ClassVar[Options] = Options(
+        reduce=dataclasses.replace(REDUCE, default="sum"),
+        composite=choice("epsilon-plus-flat", tuple(COMPOSITES), "which rule each kind of layer takes (Zennit's)"),
+        rules=anything(None, "per-layer rules {layer name: rule}, over the composite", check=_rules_check),
+        epsilon=number(1e-6, "epsilon of the epsilon rule", low=0, high=1e6),
+        gamma=number(0.25, "gamma of the gamma rule", low=0, high=1e6),
+    )
+
+    def settings(self, batch):
+        preprocess = self.model.preprocess
+        spatial = tuple(range(2, batch.ndim))
+        low = preprocess.normalize(torch.zeros_like(batch[:1])).amin(dim=spatial, keepdim=True)  # (1, C, 1, 1)
+        high = preprocess.normalize(torch.ones_like(batch[:1])).amax(dim=spatial, keepdim=True)
+        return {
+            "composite": self.config["composite"],
+            "rules": self.config["rules"],
+            "epsilon": float(self.config["epsilon"]),
+            # "epsilon everywhere" (Captum's LRP) stabilizes the pools and sums by the same epsilon
+            "stabilizer": float(self.config["epsilon"]) if self.config["composite"] == "epsilon" else 1e-6,
+            "gamma": float(self.config["gamma"]),
+            "bounds": (low.to(batch), high.to(batch)),
+        }
+
+    def seed(self, logits, targets, k):
+        return super().seed(logits, targets, k) * logits
+
+
+@register_method("excitation-backprop")
+class ExcitationBackprop(PropagationMethod):
+    """Excitation backprop (Zhang et al. 2016), as TorchRay's ``excitation_backprop`` at the input: a
+    probability P = one-hot flows down, each convolution / linear / average-pooling layer passing
+    P_in = x * W+^T (P_out / (W+ x)) (positive weights, no bias), BatchNorm passing it on, residual sums
+    in proportion to their terms, activations and max pooling by their gradient. Where a layer's input has
+    negative values (normalized pixels, the linear bottlenecks of MobileNet-style blocks) only its positive
+    part x+ takes part, so P stays a non-negative probability that sums to 1 (the paper assumes x >= 0 and
+    TorchRay divides by sums of mixed sign there, which amplifies rounding without bound). The map is P summed
+    over colour channels (TorchRay's saliency). ``contrastive=True`` is TorchRay's contrastive form with the classifier
+    as the contrast layer: the P that reaches the classifier's input through its negated weights (the dual
+    class) is subtracted there, and the difference flows on (signed; TorchRay clamps the map at 0)."""
+
+    summary = "excitation backprop, winner-take-all probabilities (Zhang et al. 2016)"
+    kind = "excitation"
+    options: ClassVar[Options] = Options(
+        reduce=dataclasses.replace(REDUCE, default="sum"),
+        contrastive=flag(False, "contrastive excitation backprop: minus the dual class at the classifier"),
+    )
+
+    def settings(self, batch):
+        return {"contrastive": bool(self.config["contrastive"])}
+
+
+@register_method("deeplift")
+class DeepLift(PropagationMethod):
+    """DeepLIFT with the rescale rule (Shrikumar et al. 2017), as Captum's ``DeepLift``:
+
+        attribution = (x - x') * m,   m = the chain of multipliers from the output to the input,
+
+    with every nonlinearity's multiplier (f(x) - f(x')) / (x - x') (its derivative where x = x'), linear
+    layers' own gradients, Captum's rule at max pooling and the exact rule at products of two
+    input-derived tensors (multipliers mean(b) and mean(a)), so the map sums to f(x) - f(x'). The
+    reference x' is ``baseline``, as Integrated Gradients': ``black``, ``blur``, ``noise`` or a tensor. The
+    image and its reference run as one batch; activations are found by call, not by module, so functional,
+    in-place and reused activations are all rescaled (Captum's needs one ``nn.Module`` per activation). The
+    summation gap of every map is in ``stats["completeness_gap"]``."""
+
+    summary = "DeepLIFT rescale rule from a baseline (Shrikumar et al. 2017)"
+    kind = "deeplift"
+    options: ClassVar[Options] = Options(
+        reduce=dataclasses.replace(REDUCE, default="sum"),
+        baseline=choice(
+            "black", BASELINES, "the reference input (or a tensor in model-input space)", accepts=(torch.Tensor,)
+        ),
+        blur_sigma=number(10.0, "blur of the 'blur' baseline, in pixels", above=0, high=1000),
+        seed=SEED,
+    )
+
+    def estimated_work(self, targets: int = 1) -> int:
+        return 2 * (1 + targets)
+
+    def baseline_for(self, batch):
+        return baseline_for(self, batch)
+
+    def attributions(self, batch, resolve):
+        reference = self.baseline_for(batch)
+        return deeplift_attributions(self, batch, reference, resolve)
+
+
+def deeplift_attributions(method: PropagationMethod, batch: Tensor, reference: Tensor, resolve) -> Computed:
+    """DeepLIFT (rescale) of ``batch`` against ``reference`` (same shape) as a Computed with the gap."""
+    multipliers, logits, targets, _, reference_logits = method.propagate(batch, resolve, reference)
+    delta = (batch - reference).detach()
+    values = multipliers * delta.unsqueeze(1)
+    safe = targets.clamp_min(0)
+    gain = logits.gather(1, safe) - reference_logits.gather(1, safe)
+    valid = targets >= 0
+    gap = torch.where(valid, values.flatten(2).sum(dim=2) - gain, torch.full_like(gain, float("nan")))
+    return Computed(
+        raw=values,
+        logits=logits,
+        targets=targets,
+        forwards=1,
+        backwards=targets.shape[1],
+        channels=values,
+        extra={"completeness_gap": gap.tolist()},
+    )
+
+
+__all__ = ["LRP", "DeepLift", "ExcitationBackprop", "PropagationMode", "gaussian_blur", "propagating"]

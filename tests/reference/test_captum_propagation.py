@@ -1,0 +1,98 @@
+"""LRP and DeepLIFT against Captum's where the definitions coincide (a model of ReLU modules), and where
+Captum's silently fail (a functional ReLU, a ReLU module called twice) while ours keep their axioms."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cnnscope
+from cnnscope.models import Model
+from cnnscope.testing.models import IDENTITY_PREPROCESS
+
+from ..conftest import pearson
+
+captum_attr = pytest.importorskip("captum.attr")
+
+
+class Sequential(nn.Module):
+    """Convolutions, ReLU modules (one each), average pooling and a linear head, with biases."""
+
+    def __init__(self, reuse: bool = False, functional: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        self.pool = nn.AvgPool2d(2)
+        self.conv3, self.relu3 = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+        self.reuse, self.functional = reuse, functional
+
+    def forward(self, x):
+        x = self.relu1(self.conv1(x))
+        x = self.conv2(x)
+        x = F.relu(x) if self.functional else (self.relu1(x) if self.reuse else self.relu2(x))
+        x = self.relu3(self.conv3(self.pool(x)))
+        return self.fc(self.gap(x).flatten(1))
+
+
+IMAGES = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def wrap(net: nn.Module) -> Model:
+    return Model(net.eval(), labels=list("abcd"), preprocess=IDENTITY_PREPROCESS, name="sequential")
+
+
+def targets_of(net):
+    with torch.no_grad():
+        return net(IMAGES).argmax(dim=1)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lrp_epsilon_equals_captums_lrp():
+    net = Sequential().eval()
+    targets = targets_of(net)
+    ours = cnnscope.get_method("lrp")(wrap(net), composite="epsilon", epsilon=1e-9)(IMAGES, targets.view(-1, 1))
+    theirs = captum_attr.LRP(Sequential().eval()).attribute(IMAGES.clone(), target=targets).detach().sum(dim=1)
+    for i in range(2):
+        assert pearson(ours.raw[i, 0], theirs[i]) >= 0.999
+    torch.testing.assert_close(ours.raw[:, 0], theirs, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_deeplift_equals_captums_deeplift():
+    net = Sequential().eval()
+    targets = targets_of(net)
+    ours = cnnscope.get_method("deeplift")(wrap(net))(IMAGES, targets.view(-1, 1))
+    theirs = captum_attr.DeepLift(Sequential().eval()).attribute(
+        IMAGES.clone(), baselines=torch.zeros_like(IMAGES), target=targets
+    )
+    theirs = theirs.detach().sum(dim=1)
+    for i in range(2):
+        assert pearson(ours.raw[i, 0], theirs[i]) >= 0.999
+    torch.testing.assert_close(ours.raw[:, 0], theirs, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", ["functional", "reuse"])
+def test_captums_deeplift_fails_on_functional_or_reused_relus_ours_holds(kind):
+    """Captum rescales only ReLU modules it can hook once (its FAQ, issue #1082): a functional relu keeps its
+    gradient, so the map no longer sums to f(x) - f(x'); a ReLU module called twice is refused outright. Ours
+    finds activations by call and sums exactly on both."""
+    baseline = IMAGES.flip(-1)
+    net = Sequential(functional=kind == "functional", reuse=kind == "reuse").eval()
+    targets = targets_of(net)
+    with torch.no_grad():
+        gain = net(IMAGES).gather(1, targets.view(-1, 1)) - net(baseline).gather(1, targets.view(-1, 1))
+    ours = cnnscope.get_method("deeplift")(wrap(net), baseline=baseline)(IMAGES, targets.view(-1, 1))
+    our_gap = (ours.raw.flatten(2).sum(dim=2) - gain).abs().max()
+    assert our_gap < 1e-6 + 1e-4 * gain.abs().max()
+    theirs = captum_attr.DeepLift(Sequential(functional=kind == "functional", reuse=kind == "reuse").eval())
+    if kind == "reuse":
+        with pytest.raises(Exception, match="used more than once"):
+            theirs.attribute(IMAGES.clone(), baselines=baseline, target=targets)
+        return
+    captum_map = theirs.attribute(IMAGES.clone(), baselines=baseline, target=targets).detach()
+    captum_gap = (captum_map.flatten(1).sum(dim=1, keepdim=True) - gain).abs().max()
+    assert captum_gap > 0.5 * gain.abs().max() and captum_gap > 100 * our_gap

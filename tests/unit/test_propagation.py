@@ -1,0 +1,175 @@
+"""LRP, DeepLIFT and excitation backprop: the axioms, on models with every kind of activation call."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cnnscope
+from cnnscope.methods.propagation import COMPOSITES
+from cnnscope.models import Model
+from cnnscope.testing import quadrant_model
+from cnnscope.testing.models import IDENTITY_PREPROCESS
+
+
+class Mixed(nn.Module):
+    """An in-place ReLU module called three times, a functional relu, a residual add, a convolution called
+    twice, average and max pooling, a mean and a linear head."""
+
+    def __init__(self, bias: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=bias)
+        self.relu = nn.ReLU(inplace=True)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=bias)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1, bias=bias)
+        self.fc = nn.Linear(8, 4, bias=bias)
+        with torch.no_grad():
+            for param in self.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+    def forward(self, x):
+        x = self.relu(self.c1(x))
+        y = F.relu(self.c2(x))
+        x = x + y
+        x = self.relu(self.c3(x))
+        x = F.max_pool2d(F.avg_pool2d(x, 2), 2) if x.shape[-1] >= 8 else x
+        x = self.relu(self.c3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def mixed(bias: bool = False) -> Model:
+    return Model(Mixed(bias).eval(), labels=list("abcd"), preprocess=IDENTITY_PREPROCESS, name="mixed")
+
+
+IMAGES = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def relevance_sums(explanation):
+    return explanation.raw.flatten(2).sum(dim=2)
+
+
+@pytest.mark.parametrize("composite", list(COMPOSITES))
+def test_lrp_conserves_the_logit_on_a_bias_free_relu_net(composite):
+    model = mixed(bias=False)
+    explanation = cnnscope.get_method("lrp")(model, composite=composite)(IMAGES, "top2")
+    logits = model(IMAGES).detach().gather(1, explanation.targets)
+    torch.testing.assert_close(relevance_sums(explanation), logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("baseline", ["black", "noise", "tensor"])
+def test_deeplift_and_ig_sum_to_the_output_difference(baseline):
+    model = mixed(bias=True)
+    base = torch.full_like(IMAGES[:1], 0.3) if baseline == "tensor" else baseline
+    deeplift = cnnscope.get_method("deeplift")(model, baseline=base)(IMAGES, "top2")
+    reference = deeplift_reference = cnnscope.get_method("deeplift")(model, baseline=base).baseline_for(IMAGES)
+    with torch.no_grad():
+        gain = model(IMAGES).gather(1, deeplift.targets) - model(deeplift_reference).gather(1, deeplift.targets)
+    torch.testing.assert_close(relevance_sums(deeplift), gain, rtol=1e-4, atol=1e-4)
+    assert max(abs(v) for row in deeplift.stats["completeness_gap"] for v in row) < 1e-4
+    ig = cnnscope.get_method("integrated-gradients")(model, baseline=base, steps=128)(IMAGES, "top2")
+    torch.testing.assert_close(relevance_sums(ig), gain, rtol=2e-2, atol=2e-2)
+    assert reference.shape == IMAGES.shape
+
+
+def test_deeplift_equals_gradient_x_input_on_a_homogeneous_net_from_black():
+    """A bias-free ReLU net is positively homogeneous: from a zero reference every rescale multiplier is the
+    gradient, so DeepLIFT is gradient x input."""
+    model = mixed(bias=False)
+    deeplift = cnnscope.get_method("deeplift")(model)(IMAGES, "top1")
+    gxi = cnnscope.get_method("gradxinput")(model)(IMAGES, "top1")
+    torch.testing.assert_close(deeplift.raw, gxi.raw, rtol=1e-4, atol=1e-6)
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_batchnorm_is_merged_into_the_convolution_before_it():
+    """LRP on conv -> BN equals LRP on the model folded by models/folding.py (Zennit's canonizer)."""
+    from cnnscope.models.folding import fold_batchnorm
+
+    model = Model(ConvBN().eval(), labels=list("abc"), preprocess=IDENTITY_PREPROCESS, name="bn")
+    folded, count = fold_batchnorm(model)
+    assert count == 2
+    for composite in ("epsilon-plus-flat", "epsilon-gamma-box"):
+        ours = cnnscope.get_method("lrp")(model, composite=composite)(IMAGES, "top1")
+        reference = cnnscope.get_method("lrp")(folded, composite=composite)(IMAGES, "top1")
+        torch.testing.assert_close(ours.raw, reference.raw, rtol=1e-4, atol=1e-6)
+
+
+def test_a_rule_per_layer_name():
+    model = mixed(bias=True)
+    gamma_box = cnnscope.get_method("lrp")(model, composite="epsilon-gamma-box")(IMAGES, "top1")
+    named = cnnscope.get_method("lrp")(model, composite="epsilon-gamma-box", rules={"c1": "flat"})(IMAGES, "top1")
+    flat = cnnscope.get_method("lrp")(model, composite="epsilon-gamma-box", rules={"c1": "zbox"})(IMAGES, "top1")
+    torch.testing.assert_close(flat.raw, gamma_box.raw)  # zbox is already the first layer's rule there
+    assert not torch.allclose(named.raw, gamma_box.raw)
+    # a flat first layer spreads each unit's relevance evenly over its 3x3 window, whatever the pixels
+    torch.testing.assert_close(relevance_sums(named), relevance_sums(gamma_box), rtol=1e-4, atol=1e-5)
+    with pytest.raises(cnnscope.MethodError, match="does not have; did you mean 'c1'"):
+        cnnscope.get_method("lrp")(model, rules={"c11": "zbox"})(IMAGES)
+    with pytest.raises(cnnscope.MethodError, match="is not a rule"):
+        cnnscope.get_method("lrp")(model, rules={"c1": "magic"})
+
+
+@pytest.mark.parametrize("name", ["lrp", "deeplift", "excitation-backprop"])
+def test_the_map_lies_in_the_targets_quadrant(name):
+    model = quadrant_model()
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) + 0.1
+    explanation = cnnscope.get_method(name)(model)(images, [[0, 1, 2, 3]])
+    for q in range(4):
+        quadrants = explanation.raw[0, q].unflatten(0, (2, 16)).unflatten(2, (2, 16)).sum(dim=(1, 3)).flatten()
+        assert int(quadrants.argmax()) == q
+        assert float(quadrants[q]) > 0.99 * float(quadrants.abs().sum())
+
+
+def test_excitation_backprop_conserves_probability_and_the_contrastive_form_contrasts():
+    model = quadrant_model()
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) + 0.1
+    plain = cnnscope.get_method("excitation-backprop")(model)(images, [[0, 3]])
+    torch.testing.assert_close(relevance_sums(plain), torch.ones(1, 2), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # every class now counts the other quadrants against it
+        weight = model.module.fc.weight
+        weight.copy_(torch.where(weight > 0, weight, torch.full_like(weight, -0.05)))
+    contrastive = cnnscope.get_method("excitation-backprop")(model, contrastive=True)(images, [[0, 3]])
+    torch.testing.assert_close(relevance_sums(contrastive), torch.zeros(1, 2), rtol=1e-4, atol=1e-4)
+    top_left = contrastive.raw[0, 0, :16, :16].sum()
+    assert top_left > 0 and contrastive.raw[0, 0, 16:, 16:].sum() < 0  # the dual class (the others) subtracts
+
+
+def test_uncovered_calls_are_named_not_hidden():
+    from cnnscope.testing import tiny_model
+
+    model = tiny_model(outputs="probabilities")
+    with pytest.warns(cnnscope.CnnscopeWarning, match=r"deeplift has no rule for these calls.*softmax \(1 call\)"):
+        cnnscope.get_method("deeplift")(model)(IMAGES.new_ones(1, 3, 32, 32) * 0.5)
+    # LRP and excitation backprop pass an output softmax's relevance on to the logit (no warning: it is a rule)
+    explanation = cnnscope.get_method("excitation-backprop")(model)(IMAGES.new_ones(1, 3, 32, 32) * 0.5)
+    assert float(explanation.raw.min()) >= 0 and float(explanation.raw.sum()) > 0
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torchscript_is_refused_with_the_alternatives():
+    from cnnscope.testing import TinyCNN
+
+    scripted = torch.jit.trace(TinyCNN().eval(), torch.zeros(1, 3, 32, 32))
+    model = Model(scripted, labels=list("abcde"), preprocess=IDENTITY_PREPROCESS, name="scripted")
+    with pytest.raises(cnnscope.MethodError, match="TorchScript"):
+        cnnscope.get_method("deeplift")(model)(IMAGES)
