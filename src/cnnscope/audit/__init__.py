@@ -29,7 +29,7 @@ from pathlib import Path
 from ..errors import InputError
 from .aggregate import THRESHOLDS, ClassReport, Flag, Thresholds
 
-__all__ = ["AuditResult", "ClassReport", "Flag", "Thresholds", "audit", "demo_audit"]
+__all__ = ["AuditResult", "ClassReport", "Flag", "Thresholds", "audit", "demo_audit", "embed"]
 
 #: Positions per shard: what a resumed run may have to redo at most.
 SHARD_SIZE = 512
@@ -128,6 +128,11 @@ def audit(
     on_problem: Callable[[dict], None] | None = None,
     on_shard: Callable[[int], None] | None = None,
     extra: dict | None = None,
+    features: str | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    actors: int | None = None,
+    num_gpus: float = 0.0,
 ) -> AuditResult:
     """Audit ``model`` on ``data`` and write the store and the report to ``out``.
 
@@ -146,17 +151,22 @@ def audit(
         on_problem: called with each problem found before the run (the CLI prints them).
         on_shard: called with each shard's index once it is written.
         extra: facts added to the summary (the demo's settings).
+        features: record the global average of this layer's output as the features (default: the
+            penultimate features, the input of the last linear layer).
+        engine: ``local`` (in process) or ``ray`` (:mod:`.ray_engine`: Ray Data with an actor pool holding
+            the model; ``address`` of a cluster, else a local Ray; ``actors`` and ``num_gpus`` per actor).
     Raises:
         InputError: a dataset label that matches no class, an ``out`` holding another audit, bad options.
     """
     from ..models import Model, load_model
-    from .engine import AuditStep, run_local
+    from .engine import AuditStep, check_engine, run_engine
     from .sources import open_source
     from .spray import require_sklearn
     from .store import Store, require_pyarrow
 
     require_pyarrow()
     require_sklearn()
+    check_engine(engine, address)
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     loaded = model if isinstance(model, Model) else load_model(model)
@@ -164,7 +174,7 @@ def audit(
     for problem in source.problems:
         if on_problem is not None:
             on_problem(problem)
-    step = AuditStep(loaded, method, layer=layer, options=options)
+    step = AuditStep(loaded, method, layer=layer, options=options, feature_layer=features)
     identity = {
         "model": model_identity(loaded),
         "method": step.identity(),
@@ -185,7 +195,19 @@ def audit(
         },
     )
     started = time.perf_counter()
-    explained = run_local(source, store, step, batch_size=batch_size, workers=workers, quiet=quiet, on_shard=on_shard)
+    explained = run_engine(
+        engine,
+        source,
+        store,
+        step,
+        batch_size=batch_size,
+        workers=workers,
+        quiet=quiet,
+        on_shard=on_shard,
+        address=address,
+        actors=actors,
+        num_gpus=num_gpus,
+    )
     seconds = time.perf_counter() - started
     return finish(
         store,
@@ -260,6 +282,15 @@ def demo_audit(
     from .demo import run_demo
 
     return run_demo(out, cue=cue, seed=seed, quiet=quiet, report=report, **settings)
+
+
+def embed(model=None, data=None, **settings):
+    """Embed a dataset's features (t-SNE, UMAP or PCA) with an interactive scatter, its PNG and the per-class
+    neighbourhood purity; an audit folder's stored features are reused. See
+    :func:`cnnscope.audit.embedding.embed` for the settings."""
+    from .embedding import embed as embed_features
+
+    return embed_features(model, data, **settings)
 
 
 class _CallableModule(types.ModuleType):

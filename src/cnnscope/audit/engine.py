@@ -86,8 +86,18 @@ class AuditStep:
         options: dict | None = None,
         map_size: int = MAP_SIZE,
         images_per_pass: int | None = None,
+        feature_layer: str | None = None,
     ) -> None:
         self.model = model
+        #: What a distributed engine needs to build the same step next to its own copy of the model.
+        self.spec = {
+            "method": method,
+            "layer": layer,
+            "options": dict(options or {}),
+            "map_size": map_size,
+            "images_per_pass": images_per_pass,
+            "feature_layer": feature_layer,
+        }
         kwargs = {"layer": layer} if layer is not None else {}
         self.method = get_method(method)(model, **kwargs, **(options or {}))
         self.method.resolve = self._resolver(self.method.resolve)
@@ -96,7 +106,12 @@ class AuditStep:
         self.images_per_pass = images_per_pass
         self.head = head_linear(model)
         self.feature_layer = None
-        if self.head is None:
+        self.features_from = None
+        if feature_layer is not None:  # features asked of a layer: its pooled output, from one more forward
+            self.feature_layer = model.layer(feature_layer)
+            self.features_from = self.feature_layer.key
+            self.head = None
+        elif self.head is None:
             self.feature_layer = self.method.layer
             if self.feature_layer is None:
                 try:
@@ -112,6 +127,7 @@ class AuditStep:
             "layer": self.method.layer.key if self.method.layer is not None else None,
             "options": {key: _jsonable(value) for key, value in sorted(dict(self.method.config).items())},
             "map_size": self.map_size,
+            **({"features": self.features_from} if self.features_from is not None else {}),
         }
 
     def _resolver(self, resolve: Callable) -> Callable:
@@ -354,3 +370,54 @@ def run_local(
     finally:
         progress.close()
     return done
+
+
+# -- engine selection ---------------------------------------------------------------------------------------
+ENGINES = ("local", "ray")
+
+
+def check_engine(engine: str, address: str | None = None) -> None:
+    """InputError for an unknown engine, an ``address`` without Ray, or Ray not installed."""
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
+    if engine == "local" and address is not None:
+        raise InputError("--address is the address of a Ray cluster: use it with --engine ray")
+    if engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()
+
+
+def run_engine(
+    engine: str,
+    source: Source,
+    store,
+    step: AuditStep,
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    quiet: bool = False,
+    on_shard: Callable[[int], None] | None = None,
+    address: str | None = None,
+    actors: int | None = None,
+    num_gpus: float = 0.0,
+) -> int:
+    """Run ``step`` over the pending shards of ``store`` with the ``local`` or the ``ray`` engine; both write
+    the same shards (returns the images explained in this run)."""
+    check_engine(engine, address)
+    if engine == "ray":
+        from .ray_engine import run_ray
+
+        return run_ray(
+            source,
+            store,
+            step,
+            batch_size=batch_size,
+            workers=workers,
+            quiet=quiet,
+            on_shard=on_shard,
+            address=address,
+            actors=actors,
+            num_gpus=num_gpus,
+        )
+    return run_local(source, store, step, batch_size=batch_size, workers=workers, quiet=quiet, on_shard=on_shard)

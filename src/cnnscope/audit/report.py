@@ -1,6 +1,9 @@
-"""The audit's one self-contained HTML report (images inlined, no script, opens from disk).
+"""The audit's one self-contained HTML report (images inlined, opens from disk with no server).
 
-Sections: the summary (what was audited, how many images, skipped and problems), the classes with flags
+Sections: the summary (what was audited, how many images, skipped and problems), the feature embedding (the
+interactive scatter of :mod:`cnnscope.render.scatter` in an inline frame, the only part with a script, its
+static PNG, the neighbourhood purity per class and the classes the features confuse: computed from the stored
+features, no image read again), the classes with flags
 first (reasons and evidence, mean and variance maps, SpRAy clusters with their mean maps and examples, the
 good / bad / ugly galleries), the confusion matrix whose cells open the galleries of their images (CSS
 ``:target``, no JavaScript), then the other classes.
@@ -288,6 +291,7 @@ def render(result, store, map_size: int) -> str:
             f"<td class='{'flagged' if report.flags else ''}'>{html.escape(kinds)}</td><td>{mean}</td></tr>"
         )
     parts.append("</table>")
+    parts.append(embedding_section(result, store, map_size))
     for report in sections:
         if report.flags:
             parts.append(_class_section(report, pictures, map_size, result.labels))
@@ -303,6 +307,65 @@ def render(result, store, map_size: int) -> str:
                 parts.append(f"<li>... and {len(items) - 500} more (manifest.json lists them all)</li>")
             parts.append("</ul>")
     parts.append("</body></html>")
+    return "".join(parts)
+
+
+#: Points with a thumbnail in the report's scatter (misclassified first), to keep the report's size sane.
+REPORT_THUMBNAILS = 5_000
+
+
+def embedding_section(result, store, map_size: int) -> str:
+    """The feature embedding of the stored features: the interactive scatter (inline frame), its PNG, the
+    purity per class and the most overlapping classes; a note instead when it cannot be computed."""
+    from ..errors import InputError
+    from ..render.scatter import scatter_html, scatter_png
+    from .embedding import embed_store, report_method, scatter_data
+
+    parts = ["<h2 id='embedding'>Feature embedding</h2>"]
+    try:
+        embedding = embed_store(store, result.labels, method=report_method(store.rows()))
+    except InputError as exc:
+        parts.append(f"<div class='meta'>no embedding: {html.escape(str(exc))}</div>")
+        return "".join(parts)
+    summary = embedding.summary()
+    picture = scatter_data(store, embedding, map_size, result.classes, REPORT_THUMBNAILS)
+    parts.append(
+        f"<div class='meta'>{html.escape(summary['method'])} of the stored features of {summary['points']} images "
+        f"(seed {summary['seed']}); neighbourhood purity <b>{summary['purity']:.2f}</b> (k={summary['k']}, "
+        f"chance {summary['chance']:.2f}): the share of each image's nearest neighbours in feature space that "
+        "share its class. Hover a point for its thumbnail and top-3, click it for its map; rings mark "
+        "misclassified images.</div>"
+    )
+    frame = html.escape(scatter_html(picture), quote=True)
+    parts.append(
+        f"<iframe class='embedding' title='embedding scatter' srcdoc=\"{frame}\" "
+        "style='width:100%;height:620px;border:1px solid #ddd;border-radius:8px;background:#fff'></iframe>"
+    )
+    buffer = io.BytesIO()
+    scatter_png(picture, buffer, size=6.0, dpi=90)
+    png = base64.b64encode(buffer.getvalue()).decode("ascii")
+    parts.append(
+        "<details><summary>static picture</summary>"
+        f"<img alt='embedding' style='max-width:100%' src='data:image/png;base64,{png}'></details>"
+    )
+    parts.append("<table><tr><th>class</th><th>images</th><th>purity</th><th>accuracy</th><th>closest class</th></tr>")
+    for entry in sorted(summary["classes"], key=lambda e: e["purity"]):
+        nearest = entry["nearest_other"]
+        near = f"{html.escape(nearest['name'])} ({nearest['share']:.0%})" if nearest else "—"
+        parts.append(
+            f"<tr><td>{html.escape(entry['name'])}</td><td class='num'>{entry['images']}</td>"
+            f"<td class='num'>{entry['purity']:.2f}</td><td class='num'>{entry['accuracy']:.1%}</td>"
+            f"<td>{near}</td></tr>"
+        )
+    parts.append("</table>")
+    if summary["overlapping"]:
+        parts.append("<h3>classes the features confuse most</h3><ul>")
+        for pair in summary["overlapping"][:5]:
+            parts.append(
+                f"<li>{html.escape(pair['classes'][0])} / {html.escape(pair['classes'][1])}: overlap "
+                f"{pair['overlap']:.2f}</li>"
+            )
+        parts.append("</ul>")
     return "".join(parts)
 
 

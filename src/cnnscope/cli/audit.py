@@ -39,6 +39,18 @@ MapOpt = Annotated[
     ),
 ]
 
+EngineOpt = Annotated[
+    str,
+    typer.Option("--engine", help="local (in this process) or ray (a Ray Data actor pool; needs the ray extra)"),
+]
+AddressOpt = Annotated[
+    str | None, typer.Option("--address", help="Ray cluster address (ray://HOST:10001 or auto); default: a local Ray")
+]
+ActorsOpt = Annotated[
+    int | None, typer.Option("--actors", min=1, help="Ray actors, each holding the model once (default: one per CPU)")
+]
+GpusOpt = Annotated[float, typer.Option("--gpus", min=0.0, help="GPUs per Ray actor (num_gpus; 0: CPU)")]
+
 
 def parse_mapping(values: list[str] | None) -> dict[str, str | None]:
     """``--map`` values: ``NAME=LABEL`` pairs or JSON files holding an object of them."""
@@ -108,6 +120,10 @@ def audit_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per step")] = 32,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="images per Parquet shard")] = 512,
     report: Annotated[bool, typer.Option("--report/--no-report", help="write report.html")] = True,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
+    gpus: GpusOpt = 0.0,
     arch: ArchOpt = None,
     no_weights: NoWeightsOpt = False,
     trust_pickle: TrustOpt = False,
@@ -145,5 +161,101 @@ def audit_command(
         report=report,
         quiet=quiet or as_json,
         on_problem=problem,
+        engine=engine,
+        address=address,
+        actors=actors,
+        num_gpus=gpus,
     )
     show_result(result, as_json)
+
+
+@app.command(name="embed")
+def embed_command(
+    data: Annotated[
+        Path, typer.Argument(help="an audit folder (its stored features are reused), class folders, or a CSV")
+    ],
+    model: ModelOpt = DEFAULT_MODEL,
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for embedding.html, .png, .parquet")] = Path(
+        "cnnscope-embed"
+    ),
+    layer: Annotated[
+        str | None, typer.Option("--layer", help="features from this layer (default: the penultimate features)")
+    ] = None,
+    method: Annotated[str, typer.Option("--method", help="tsne, umap (needs the umap extra) or pca")] = "tsne",
+    seed: Annotated[int, typer.Option("--seed", help="seed of the projection (same seed, same picture)")] = 0,
+    neighbours: Annotated[int, typer.Option("--neighbours", "-k", min=1, help="neighbours for the class purity")] = 10,
+    explain: Annotated[
+        str, typer.Option("--explain", help="method of the maps shown on click (cnnscope methods)")
+    ] = "gradcam",
+    mapping: MapOpt = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="embed at most N images, spread evenly")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--restart", help="continue the feature store in --out (default), or redo it")
+    ] = True,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per step")] = 32,
+    thumbnails: Annotated[
+        int, typer.Option("--thumbnails", min=0, help="points with a thumbnail in the HTML (misclassified first)")
+    ] = 20000,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
+    gpus: GpusOpt = 0.0,
+    arch: ArchOpt = None,
+    no_weights: NoWeightsOpt = False,
+    trust_pickle: TrustOpt = False,
+    labels: LabelsOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Embed a dataset's features (t-SNE, UMAP or PCA): an interactive HTML scatter with thumbnails, a PNG,
+    and per-class neighbourhood purity with the classes the features confuse."""
+    from ..audit.embedding import embed, is_audit_folder
+
+    _state["quiet"] = quiet
+    reuse = is_audit_folder(data)
+    loaded = None if reuse else _load(model, arch, no_weights, trust_pickle, False, labels, size, mean, std)
+
+    def problem(item: dict) -> None:
+        if not quiet:
+            sys.stderr.write(f"cnnscope: {item['reason']}\n")
+
+    result = embed(
+        loaded,
+        data,
+        out=out,
+        method=method,
+        layer=layer,
+        seed=seed,
+        k=neighbours,
+        explain=explain,
+        engine=engine,
+        address=address,
+        actors=actors,
+        num_gpus=gpus,
+        batch_size=batch_size,
+        limit=limit,
+        resume=resume,
+        mapping=parse_mapping(mapping),
+        max_thumbnails=thumbnails,
+        quiet=quiet or as_json,
+        on_problem=problem,
+    )
+    summary = result.summary()
+    if as_json:
+        _print_json(summary)
+        return
+    source = "stored features" if not result.computed else f"{summary['points']} images read"
+    typer.echo(
+        f"{summary['points']} points, {summary['method']} (seed {summary['seed']}), {source}; "
+        f"neighbourhood purity {summary['purity']:.2f} (k={summary['k']}, chance {summary['chance']:.2f})"
+    )
+    for entry in sorted(summary["classes"], key=lambda e: e["purity"]):
+        nearest = entry["nearest_other"]
+        near = f"  closest: {nearest['name']} {nearest['share']:.0%}" if nearest else ""
+        typer.echo(f"  {entry['name']:<24} {entry['images']:>6} images  purity {entry['purity']:.2f}{near}")
+    for pair in summary["overlapping"][:5]:
+        typer.echo(f"  overlap {pair['classes'][0]} / {pair['classes'][1]}: {pair['overlap']:.2f}")
+    typer.echo(f"html: {result.html}\npng: {result.png}\ncoordinates: {result.table}")
