@@ -24,6 +24,7 @@ from .features.activations import layer_activations
 from .features.architecture import architecture
 from .features.dream import deep_dream
 from .features.filters import filter_plate
+from .features.impressions import class_impressions
 from .io import load_image, load_images
 from .methods import get_method, list_methods
 from .models import Model, Preprocess, list_models, load_model
@@ -45,6 +46,7 @@ __all__ = [
     "Transforms",
     "architecture",
     "audit",
+    "class_impressions",
     "compare_models",
     "deep_dream",
     "explain",

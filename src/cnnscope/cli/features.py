@@ -291,3 +291,149 @@ def dream(
         return
     raised = sum(a > b for a, b in zip(result.after, result.before, strict=True))
     typer.echo(f"{image.stem} at {result.layer}: {raised}/{len(result.after)} objectives raised; plate: {path}")
+
+
+def _top5_json(predictions) -> list[dict]:
+    return [{"class_index": p.index, "class_name": p.name, "probability": p.probability} for p in predictions]
+
+
+@app.command()
+def impressions(
+    class_: Annotated[
+        list[str] | None, typer.Option("--class", "-c", help="a class name or index; one impression each; repeatable")
+    ] = None,
+    fuse: Annotated[
+        list[str] | None,
+        typer.Option("--fuse", help="classes joined by '+' for one fused (negative) image, e.g. 'goldfish+tench'"),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=0)] = 128,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 0.05,
+    size: Annotated[int | None, typer.Option("--size", min=8, help="image side (default: the model's input)")] = None,
+    param: Annotated[str, typer.Option("--param", help="fourier or pixel")] = "fourier",
+    focus: Annotated[
+        float, typer.Option("--focus", min=0.0, help="weight of the saliency-weighted evidence in the main region")
+    ] = 1.0,
+    outside: Annotated[
+        float, typer.Option("--outside", min=0.0, help="weight of the penalty on class evidence outside it")
+    ] = 3.0,
+    grow: Annotated[int, typer.Option("--grow", min=0, help="cells the main region grows by before the penalty")] = 1,
+    focus_weights: Annotated[
+        str, typer.Option("--focus-weights", help="saliency (the main region by saliency) or region (evenly)")
+    ] = "saliency",
+    layer: Annotated[
+        str | None, typer.Option("--layer", help="the Grad-CAM layer (default: the default target layer)")
+    ] = None,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="skip plain maximize beside each image")] = False,
+    snapshot: Annotated[
+        list[int] | None, typer.Option("--snapshot", help="also save the plate after this step; repeatable")
+    ] = None,
+    no_fold_bn: NoFoldOpt = False,
+    seed: SeedOpt = 0,
+    out: OutOpt = Path("cnnscope-out"),
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    no_weights: NoWeightsOpt = False,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Class impressions: the one object the model has in mind for a class (saliency-driven, after Addepalli
+    et al. 2020), beside plain maximize, with fused images; each with its top-5."""
+    from ..features.impressions import class_impressions
+    from ..render.figure import figure_png
+    from ..render.overlay import png_bytes
+
+    _state["quiet"] = quiet
+    if not class_ and not fuse:
+        raise InputError("nothing to draw: give --class (repeatable) and/or --fuse 'goldfish+tench'")
+    loaded = _load(model, arch, no_weights, trust_pickle, False, None)
+    result = class_impressions(
+        loaded,
+        list(class_ or []),
+        fuse=list(fuse or []),
+        size=size,
+        param=param,
+        steps=steps,
+        lr=lr,
+        focus=focus,
+        outside=outside,
+        grow=grow,
+        focus_weights=focus_weights,
+        layer=layer,
+        seed=seed,
+        baseline=not no_baseline,
+        snapshots=snapshot or (),
+        fold_bn=not no_fold_bn,
+        quiet=quiet,
+    )
+    plate = _write_file(out / "impressions.png", figure_png(result.figure()))
+    snapshots = [
+        str(_write_file(out / f"impressions_step{step}.png", figure_png(result.figure(step=step))))
+        for step in result.snapshots
+    ]
+    images = []
+    for row, (index, name) in enumerate(zip(result.classes, result.names, strict=True)):
+        stem = f"{row}_{safe_filename(name)}"
+        path = _write_file(out / f"impression_{stem}.png", png_bytes(result.images[row]))
+        entry = {
+            "class": name,
+            "class_index": index,
+            "path": str(path),
+            "probability": result.probabilities[row],
+            "regions": result.regions[row],
+            "largest_share": round(result.largest_share[row], 6),
+            "top5": _top5_json(result.predictions[row]),
+            "baseline": None,
+        }
+        if result.baseline is not None:
+            base = _write_file(out / f"maximize_{stem}.png", png_bytes(result.baseline.images[row]))
+            entry["baseline"] = {
+                "path": str(base),
+                "probability": result.baseline_probabilities[row],
+                "regions": result.baseline_regions[row],
+                "largest_share": round(result.baseline_share[row], 6),
+                "top5": _top5_json(result.baseline.predictions[row]),
+            }
+        images.append(entry)
+    fused = []
+    for number, group in enumerate(result.fused):
+        row = len(result.classes) + number
+        names = [result.options["labels"][c] for c in group]
+        path = _write_file(out / f"fused_{number}_{safe_filename('+'.join(names))}.png", png_bytes(result.images[row]))
+        fused.append(
+            {
+                "classes": names,
+                "class_indices": list(group),
+                "path": str(path),
+                "top5": _top5_json(result.predictions[row]),
+            }
+        )
+    summary = {
+        "images": images,
+        "fused": fused,
+        "plate": str(plate),
+        "snapshots": snapshots,
+        "steps": steps,
+        "seed": seed,
+        "layer": result.options["layer"],
+        "seconds": round(result.stats["seconds"], 3),
+        "iterations_per_second": round(result.stats["iterations_per_second"], 3),
+        "stopped_early": result.stats["stopped_early"],
+        "batchnorm_folded": result.stats["batchnorm_folded"],
+    }
+    if as_json:
+        _print_json(summary)
+        return
+
+    def described(entry: dict) -> str:
+        return f"p={entry['probability']:.3f}  {entry['regions']} region(s), main {entry['largest_share']:.0%}"
+
+    for entry in images:
+        line = f"{entry['class']:<24} {described(entry)}"
+        if entry["baseline"] is not None:
+            line += f"   plain maximize: {described(entry['baseline'])}"
+        typer.echo(line)
+    for entry in fused:
+        top = ", ".join(f"{p['class_name']} {p['probability']:.1%}" for p in entry["top5"])
+        typer.echo(f"fused {'+'.join(entry['classes'])}: {top}")
+    typer.echo(f"plate: {plate}")
