@@ -11,18 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnscope.cli import main
 from cnnscope.errors import CnnscopeWarning
 from tests.unit.test_inputs_channels import digits
 
+from .test_cli import run
+
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

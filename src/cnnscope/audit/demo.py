@@ -37,7 +37,7 @@ CUE_STRENGTH = {"patch": 1.0, "tint": 0.6}
 
 def demo_data(cue: str | None, seed: int, config: dict):
     """(training set, audit set, the cue) for one run of the demo."""
-    from ..data import ShapesDataset, SpuriousCue, make_shapes
+    from ..data import SpuriousCue, make_shapes
 
     spurious = None
     if cue is not None:
@@ -59,17 +59,8 @@ def demo_data(cue: str | None, seed: int, config: dict):
         spurious=spurious,
     )
 
-    def part(start: int, stop: int) -> ShapesDataset:
-        return ShapesDataset(
-            everything.images[start:stop],
-            everything.labels[start:stop],
-            everything.masks[start:stop],
-            everything.cue_masks[start:stop],
-            everything.classes,
-        )
-
     split = config["train"]
-    return part(0, split), part(split, len(everything)), spurious
+    return everything.part(0, split), everything.part(split, len(everything)), spurious
 
 
 def run_demo(out: str | os.PathLike, *, cue: str | None, seed: int, quiet: bool, report: bool = True, **settings):

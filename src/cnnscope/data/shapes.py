@@ -127,6 +127,16 @@ class ShapesDataset:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, np.ndarray]:
         return self.images[index], int(self.labels[index]), self.masks[index]
 
+    def part(self, start: int, stop: int) -> ShapesDataset:
+        """Images ``start`` to ``stop`` (a training and a held-out split of one drawn set)."""
+        return ShapesDataset(
+            self.images[start:stop],
+            self.labels[start:stop],
+            self.masks[start:stop],
+            self.cue_masks[start:stop],
+            self.classes,
+        )
+
     @property
     def has_cue(self) -> np.ndarray:
         """(N,) bool: whether each image shows the cue (at least one pixel of it)."""
