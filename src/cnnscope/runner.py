@@ -82,11 +82,14 @@ def explain_images(
         explainers.append(cls(model, **kwargs, **accepted))
     out = Path(out_dir) if out_dir is not None else None
     results = [
-        {"image": name, "size": [int(img.shape[1]), int(img.shape[0])], "top5": [], "explanations": []}
+        {"image": name, "size": _size(img), "top5": [], "explanations": []}
         for name, img in zip(names, images, strict=True)
     ]
     notes: list[str] = []
     rows_overlays: list[list[tuple[str, np.ndarray]]] = [[] for _ in images]
+    # the pictures under the overlays (RGB uint8; a grey, 16-bit or N-channel input as the model's preprocessing
+    # shows it), filled in as the explanations come
+    shown: list[np.ndarray] = [np.zeros((1, 1, 3), dtype=np.uint8) for _ in images]
     finished = 0
     try:
         for start in range(0, len(images), batch_size):
@@ -95,7 +98,12 @@ def explain_images(
                 explanation: Explanation = explainer(chunk, target, names=names[start : start + batch_size])
                 for local, k, entry in explanation.records():
                     index = start + local
-                    picture = explanation.overlay(local, k, alpha=alpha, colormap=colormap)
+                    clip = chunk[local] if getattr(chunk[local], "frames", None) else None
+                    if clip is not None:  # a video clip: a frame strip here, GIF and MP4 below
+                        frames = _clip_entry(explanation, local, k, clip, entry, alpha, colormap)
+                        picture = frames[0]
+                    else:
+                        picture = explanation.overlay(local, k, alpha=alpha, colormap=colormap)
                     class_index = entry["class_index"]
                     entry["file"] = None
                     if out is not None:
@@ -103,8 +111,15 @@ def explain_images(
                         path = out / overlay_filename(names[index], explanation.method, class_index, explanation.labels)
                         save_png(picture, str(path))
                         entry["file"] = str(path)
+                        if clip is not None:
+                            entry.update(_write_clip(frames[1], path, clip))
+                        elif explanation.maps.ndim == 5:  # a volume's map, also as NIfTI on the scan's affine
+                            entry["nifti"] = _write_volume_map(explanation, local, k, chunk[local], path)
                     results[index]["explanations"].append(entry)
                     rows_overlays[index].append((explanation.caption(local, k), picture))
+                for local in range(len(chunk)):
+                    picture = explanation.images[local]  # a volume: its middle slice in the report
+                    shown[start + local] = picture if picture.ndim == 3 else picture[picture.shape[0] // 2]
                 for local, predictions in enumerate(explanation.top):
                     results[start + local]["top5"] = [
                         {"class_index": p.index, "class_name": p.name, "probability": round(p.probability, 6)}
@@ -128,7 +143,7 @@ def explain_images(
     }
     if not complete:
         results[:] = results[:finished]
-        images = images[:finished]
+        shown = shown[:finished]
         rows_overlays = rows_overlays[:finished]
     if out is not None and report:
         rows = [
@@ -138,7 +153,7 @@ def explain_images(
                 top=[(p["class_name"], p["probability"]) for p in result["top5"]],
                 overlays=overlays,
             )
-            for result, image, overlays in zip(results, images, rows_overlays, strict=True)
+            for result, image, overlays in zip(results, shown, rows_overlays, strict=True)
         ]
         path = write_report(
             out / "report.html",
@@ -151,6 +166,62 @@ def explain_images(
     if not complete:
         raise Interrupted(summary)
     return summary
+
+
+def _size(image) -> list[int]:
+    """[W, H] of a picture, [W, H, D] of a volume (a :class:`~cnnscope.io_volumes.Volume` or array)."""
+    values = getattr(image, "values", image)
+    if getattr(image, "values", None) is not None or values.ndim == 4:
+        return [int(values.shape[2]), int(values.shape[1]), int(values.shape[0])]
+    return [int(values.shape[1]), int(values.shape[0])]
+
+
+def _clip_entry(explanation: Explanation, i: int, k: int, clip, entry: dict, alpha: float, colormap):
+    """For a clip's map: ``entry["peak"]`` as [x, y, t] with t the input frame, ``temporal`` (the map's mass per
+    sampled frame) and ``frames`` (which input frames were sampled); returns (frame strip, overlay frames)."""
+    from .render.clips import frame_strip, overlay_frames, temporal_mass
+
+    x, y, step = explanation.peak(i, k)
+    entry["peak"] = [x, y, int(clip.frames[step])]
+    heat_map = explanation.maps[i, k]
+    entry["temporal"] = temporal_mass(heat_map.abs() if explanation.signed else heat_map)  # |evidence| when signed
+    entry["frames"] = [int(f) for f in clip.frames]
+    heat = explanation.normalized()[i, k].numpy()
+    frames = overlay_frames(explanation.images[i], heat, alpha=alpha, colormap=colormap, signed=explanation.signed)
+    return frame_strip(frames), frames
+
+
+def _write_clip(frames: list, png: Path, clip) -> dict:
+    """The overlay frame by frame as a GIF, and as an MP4 where the ``video`` extra is installed."""
+    from .render.animate import video_available, write_gif, write_mp4
+
+    fps = clip.fps * len(clip.frames) / max(1, clip.total) if clip.fps else 4.0  # the clip's own pace
+    written = {"gif": str(write_gif(frames, png.parent / f"{png.stem}.gif", fps=max(fps, 0.5), hold=1.0))}
+    written["mp4"] = (
+        str(write_mp4(frames, png.parent / f"{png.stem}.mp4", fps=max(fps, 0.5))) if video_available() else None
+    )
+    return written
+
+
+def _write_volume_map(explanation: Explanation, i: int, k: int, source, png: Path) -> str | None:
+    """The map of a volume as NIfTI next to its montage PNG, at the scan's resolution and on its affine (None
+    without nibabel, which cnnscope[medical] installs: the PNG montage is written all the same)."""
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+
+    from .io_volumes import read_volume, write_nifti
+
+    if importlib.util.find_spec("nibabel") is None:
+        return None
+    volume = read_volume(source)
+    heat = explanation.maps[i, k][None, None].float()
+    if tuple(heat.shape[2:]) != tuple(volume.values.shape[:3]):
+        heat = F.interpolate(heat, size=tuple(volume.values.shape[:3]), mode="trilinear", align_corners=False)
+    path = png.parent / f"{png.stem}.nii.gz"
+    with torch.no_grad():
+        return str(write_nifti(path, heat[0, 0].numpy(), volume))
 
 
 def compare_image(
@@ -215,6 +286,27 @@ def compare_image(
     return figure, summary
 
 
+def random_map_baselines(model: Model, batch, class_index: int, *, steps: int = 50, seed: int = 0) -> dict:
+    """Deletion and insertion AUC of a per-pixel random map and of a smooth one (blobs at the scale of a CAM
+    cell) on the same image and class: what a map must beat to say anything (black-fill deletion ranks a
+    per-pixel random map well, as the hole's shape itself misleads the model)."""
+    import numpy as np
+
+    from .evaluate import deletion_curve, insertion_curve
+    from .evaluate.metrics import random_map, smooth_random_map
+
+    size = tuple(batch.shape[-2:])
+    generator = np.random.default_rng(seed)
+    maps = {"random": random_map(size, generator), "random_smooth": smooth_random_map(size, generator)}
+    return {
+        name: {
+            "deletion_auc": round(deletion_curve(model, batch, values, class_index, steps=steps).auc, 6),
+            "insertion_auc": round(insertion_curve(model, batch, values, class_index, steps=steps).auc, 6),
+        }
+        for name, values in maps.items()
+    }
+
+
 def faithfulness_report(
     model: Model,
     image: np.ndarray,
@@ -250,8 +342,14 @@ def faithfulness_report(
         "probability": round(explanation.probability(0, 0), 6),
         "deletion_auc": round(deletion.auc, 6),
         "insertion_auc": round(insertion.auc, 6),
+        "baselines": random_map_baselines(model, batch, class_index, steps=steps),
         "remove_top": remove_evidence(model, batch, saliency, class_index, fraction=fraction, fill=fill),
         "keep_top": keep_evidence(model, batch, saliency, class_index, fraction=max(fraction, 0.2)),
+    }
+    random = summary["baselines"]
+    summary["beats_random"] = {
+        "deletion": all(deletion.auc < b["deletion_auc"] for b in random.values()),
+        "insertion": all(insertion.auc > b["insertion_auc"] for b in random.values()),
     }
     figure = curves_figure([deletion, insertion], title=f"{name} · {explanation.method} · {summary['class_name']}")
     return figure, summary

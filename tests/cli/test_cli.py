@@ -198,6 +198,13 @@ def test_faithfulness_command(capsys, cat_file, tmp_path):
     summary = json.loads(out)
     assert summary["class_index"] == 285 and 0 <= summary["deletion_auc"] <= 1 and 0 <= summary["insertion_auc"] <= 1
     assert summary["remove_top"]["fraction"] == 0.1 and len(summary["keep_top"]["crop_top5"]) == 5
+    # random-map baselines beside the curves, and whether the map beats them
+    assert set(summary["baselines"]) == {"random", "random_smooth"}
+    for baseline in summary["baselines"].values():
+        assert 0 <= baseline["deletion_auc"] <= 1 and 0 <= baseline["insertion_auc"] <= 1
+    assert summary["beats_random"]["insertion"] == all(
+        summary["insertion_auc"] > b["insertion_auc"] for b in summary["baselines"].values()
+    )
     with Image.open(summary["file"]) as curves:
         assert curves.size[0] > 300
     code, _, err = run(capsys, "faithfulness", str(cat_file), "--fill", "pink", "-o", str(tmp_path))
