@@ -84,6 +84,8 @@ def test_evaluate_reads_boxes_and_prints_a_table(capsys, images, tmp_path):
         "--methods",
         "gradcam",
         *FAST,
+        "--road-fractions",
+        "none",
         *_model(images),
         "-o",
         str(tmp_path),
@@ -93,6 +95,7 @@ def test_evaluate_reads_boxes_and_prints_a_table(capsys, images, tmp_path):
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["method", "point", "energy"]
     assert lines[1].startswith("gradcam") and any(line.startswith("(random)") for line in lines)
+    assert lines[1].split()[5:7] == ["-", "-"]  # ROAD turned off: its two columns are empty
     assert not (tmp_path / "report.html").exists()
 
 

@@ -233,6 +233,15 @@ def test_evaluate_stops_at_max_seconds_and_keeps_what_was_scored(quadrant):
         evaluate(quadrant, (images, labels, masks), methods="gradcm")
 
 
+def test_road_can_be_turned_off_for_large_images(quadrant):
+    images, labels, masks = blob_data(4)
+    result = evaluate(quadrant, (images, labels, masks), methods="gradcam", steps=4, fractions=())
+    metrics = result.method("gradcam")["metrics"]
+    assert metrics["road_morf"] is None and metrics["road_lerf"] is None
+    assert metrics["deletion_auc"] is not None and metrics["pointing_game"] == 1.0
+    assert result.to_json()["settings"]["road_fractions"] == []
+
+
 def test_a_method_that_fails_is_left_out_with_its_reason(quadrant, monkeypatch):
     from cnnscope.errors import MethodError
     from cnnscope.methods import Saliency

@@ -34,6 +34,8 @@ from .app import (
 
 
 def _fractions(text: str) -> list[float]:
+    if text.strip().lower() in ("none", "off", ""):
+        return []
     try:
         return [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
     except ValueError:
@@ -65,7 +67,8 @@ def evaluate_command(
     ] = "label",
     steps: Annotated[int, typer.Option("--steps", min=2, help="points on the deletion and insertion curves")] = 20,
     road_fractions: Annotated[
-        str, typer.Option("--road-fractions", help="shares of pixels ROAD removes, comma separated")
+        str,
+        typer.Option("--road-fractions", help="shares of pixels ROAD removes, comma separated; none: no ROAD"),
     ] = "0.1,0.3,0.5,0.7,0.9",
     tolerance: Annotated[
         float, typer.Option("--tolerance", min=0.0, help="pointing-game tolerance in pixels at 224 px (scaled)")

@@ -157,7 +157,8 @@ def removal_masks(saliency: torch.Tensor, fractions: Sequence[float], *, most_re
 
 
 def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
+    """The fractions as floats; an empty sequence turns ROAD off (it is the costliest metric on large images)."""
     values = tuple(float(f) for f in fractions)
-    if not values or any(not 0 < f < 1 for f in values):
+    if any(not 0 < f < 1 for f in values):
         raise InputError(f"ROAD fractions lie strictly between 0 and 1, got {list(fractions)}")
     return values

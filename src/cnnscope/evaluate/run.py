@@ -237,11 +237,13 @@ def score_maps(
     black, blurred = _fill(model, image, "black"), _blurred(image)
     deletion = torch.where(chosen, black.unsqueeze(0), image.unsqueeze(0)).flatten(0, 1)
     insertion = torch.where(chosen, image.unsqueeze(0), blurred.unsqueeze(0)).flatten(0, 1)
-    morf = removal_masks(stack, fractions, most_relevant=True).flatten(0, 1)
-    lerf = removal_masks(stack, fractions, most_relevant=False).flatten(0, 1)
-    holes = torch.cat([morf, lerf])
-    imputed = impute(image.expand(holes.shape[0], -1, -1, -1), holes, generator=generator)
-    frames = torch.cat([deletion, insertion, imputed])
+    frames = [deletion, insertion]
+    if fractions:  # ROAD: every map's holes imputed in one batch
+        morf = removal_masks(stack, fractions, most_relevant=True).flatten(0, 1)
+        lerf = removal_masks(stack, fractions, most_relevant=False).flatten(0, 1)
+        holes = torch.cat([morf, lerf])
+        frames.append(impute(image.expand(holes.shape[0], -1, -1, -1), holes, generator=generator))
+    frames = torch.cat(frames)
     with preserved(model.module):
         scores = _forward_probabilities(model, frames, target, per_pass)
     n_curve, n_road = count * steps, count * len(fractions)
@@ -257,8 +259,8 @@ def score_maps(
         row = {
             "deletion_auc": float(deletion_auc[k]),
             "insertion_auc": float(insertion_auc[k]),
-            "road_morf": float(morf_scores[k].mean()),
-            "road_lerf": float(lerf_scores[k].mean()),
+            "road_morf": float(morf_scores[k].mean()) if fractions else None,
+            "road_lerf": float(lerf_scores[k].mean()) if fractions else None,
             "gini": M.gini(values, signed=signed[k]),
             "constant": M.is_constant(values),
             "pointing_game": None,
