@@ -184,20 +184,27 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
         )
 
 
+def _open_checked(handle: _io.IOBase, name: str, max_pixels: int) -> Image.Image:
+    """``Image.open`` with every failure as one InputError and the pixel limit checked from the header (call it
+    with Pillow's DecompressionBombWarning silenced: our own limit says the same)."""
+    try:
+        image = Image.open(handle)
+    except UnidentifiedImageError:
+        raise InputError(f"{name} is not an image (no format Pillow reads recognises it)") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{name} is over the limit of pixels that decode safely ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Pillow raises ValueError for oversized metadata (a zTXt/iCCP chunk that inflates past its limit)
+        raise InputError(f"{name} cannot be read: {exc}") from None
+    _check_size(image.size, name, max_pixels)
+    return image
+
+
 def _open_and_convert(handle: _io.IOBase, name: str, max_pixels: int) -> np.ndarray:
     with warnings.catch_warnings():
         # Our own limit is checked from the header below; Pillow's warning would repeat it.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(handle)
-        except UnidentifiedImageError:
-            raise InputError(f"{name} is not an image (no format Pillow reads recognises it)") from None
-        except Image.DecompressionBombError as exc:
-            raise InputError(f"{name} is over the limit of pixels that decode safely ({exc})") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            # Pillow raises ValueError for oversized metadata (a zTXt/iCCP chunk that inflates past its limit)
-            raise InputError(f"{name} cannot be read: {exc}") from None
-        _check_size(image.size, name, max_pixels)
+        image = _open_checked(handle, name, max_pixels)
         try:
             image.seek(0)  # first frame of an animation
             image.load()
@@ -209,15 +216,7 @@ def _open_and_convert(handle: _io.IOBase, name: str, max_pixels: int) -> np.ndar
 def _open_native(handle: _io.IOBase, name: str, max_pixels: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(handle)
-        except UnidentifiedImageError:
-            raise InputError(f"{name} is not an image (no format Pillow reads recognises it)") from None
-        except Image.DecompressionBombError as exc:
-            raise InputError(f"{name} is over the limit of pixels that decode safely ({exc})") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise InputError(f"{name} cannot be read: {exc}") from None
-        _check_size(image.size, name, max_pixels)
+        image = _open_checked(handle, name, max_pixels)
         try:
             frames = int(getattr(image, "n_frames", 1) or 1)
             if image.format == "TIFF" and frames > 1:  # a multi-page TIFF: one page per channel
