@@ -69,58 +69,6 @@ def _push_pull(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.where(weight > 0, values, up)
 
 
-def _conjugate_gradients(
-    kept: torch.Tensor, hole: torch.Tensor, start: torch.Tensor, tolerance: float, max_iterations: int
-) -> torch.Tensor:
-    """The removed pixels' values (zero elsewhere): Jacobi-preconditioned CG on the masked Laplacian, one
-    system per image, batched; an image leaves the batch as soon as it has converged."""
-    weight = _neighbours(torch.ones_like(hole[:1]))  # (1, 1, H, W) in-image neighbour weight per pixel
-    rhs = hole * _neighbours(kept)
-    result = hole * start
-    active = torch.arange(kept.shape[0], device=kept.device)
-    mask, solution = hole, result.clone()
-    residual = rhs - mask * (weight * solution - _neighbours(solution))
-    preconditioned = mask * residual / weight
-    direction = preconditioned.clone()
-    rho = (residual * preconditioned).flatten(1).sum(dim=1)
-    norm = rhs.flatten(1).norm(dim=1).clamp_min(1e-30)
-    for _ in range(max_iterations + 1):
-        done = residual.flatten(1).norm(dim=1) / norm <= tolerance
-        if bool(done.any()):
-            result[active[done]] = solution[done]
-            keep = ~done
-            if not bool(keep.any()):
-                return result
-            active, mask, solution, residual = active[keep], mask[keep], solution[keep], residual[keep]
-            direction, rho, norm = direction[keep], rho[keep], norm[keep]
-        applied = mask * (weight * direction - _neighbours(direction))
-        step = rho / (direction * applied).flatten(1).sum(dim=1).clamp_min(1e-30)
-        solution = solution + step.view(-1, 1, 1, 1) * direction
-        residual = residual - step.view(-1, 1, 1, 1) * applied
-        preconditioned = mask * residual / weight
-        rho_next = (residual * preconditioned).flatten(1).sum(dim=1)
-        direction = preconditioned + (rho_next / rho.clamp_min(1e-30)).view(-1, 1, 1, 1) * direction
-        rho = rho_next
-    result[active] = solution  # what the iteration limit left
-    return result
-
-
-def _nested(kept: torch.Tensor, hole: torch.Tensor, tolerance: float, max_iterations: int) -> torch.Tensor:
-    """Solve on a grid of half the resolution first (a 2x2 block is removed there when all its pixels are;
-    a block keeps the mean of its kept pixels) and start from its solution: the smooth part of the answer,
-    which costs CG the most iterations at full resolution, comes cheaply from the coarse grid."""
-    height, width = hole.shape[-2:]
-    if min(height, width) < 32:
-        start = _push_pull(kept, 1 - hole)
-    else:
-        kept_weight = F.avg_pool2d(1 - hole, 2, ceil_mode=True)
-        coarse_hole = (kept_weight == 0).to(hole.dtype)
-        coarse_kept = F.avg_pool2d(kept, 2, ceil_mode=True) / kept_weight.clamp_min(1e-12) * (1 - coarse_hole)
-        coarse = coarse_kept + _nested(coarse_kept, coarse_hole, tolerance * 10, max_iterations)
-        start = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
-    return _conjugate_gradients(kept, hole, start, tolerance, max_iterations)
-
-
 #: A hole takes the multigrid preconditioner when at least this share of its pixels lie in 2x2 blocks removed
 #: whole (measured on CAM-like and gradient-like maps at 64 to 224 px: below it, Jacobi is the cheaper).
 MULTIGRID_SHARE = 0.5
@@ -152,17 +100,31 @@ def _v_cycle(residual: torch.Tensor, levels: list[tuple[torch.Tensor, torch.Tens
     return x + 0.8 * mask * (residual - mask * (weight * x - _neighbours(x))) / weight
 
 
-def _multigrid_cg(kept: torch.Tensor, hole: torch.Tensor, tolerance: float, max_iterations: int) -> torch.Tensor:
-    """The removed pixels' values: conjugate gradients preconditioned by one V-cycle per iteration (the
-    flexible, Polak-Ribiere form of the update, since the V-cycle is only nearly symmetric), batched; an
-    image leaves the batch as soon as it has converged."""
-    levels = _levels(hole)
-    weight = levels[0][1]
+def _conjugate_gradients(
+    kept: torch.Tensor,
+    hole: torch.Tensor,
+    start: torch.Tensor,
+    tolerance: float,
+    max_iterations: int,
+    *,
+    multigrid: bool,
+) -> torch.Tensor:
+    """The removed pixels' values (zero elsewhere): preconditioned CG on the masked Laplacian, one system per
+    image, batched; an image leaves the batch as soon as it has converged. The preconditioner is Jacobi, or
+    with ``multigrid`` one V-cycle per iteration; the update is the flexible (Polak-Ribiere) form, since the
+    V-cycle is only nearly symmetric (for Jacobi it is the same as the plain form)."""
+    levels = _levels(hole) if multigrid else [(hole, _neighbours(torch.ones_like(hole[:1])))]
+    weight = levels[0][1]  # (1, 1, H, W) in-image neighbour weight per pixel
+
+    def precondition(residual: torch.Tensor) -> torch.Tensor:
+        return _v_cycle(residual, levels) if multigrid else levels[0][0] * residual / weight
+
     rhs = hole * _neighbours(kept)
-    result = torch.zeros_like(kept)
+    result = hole * start
     active = torch.arange(kept.shape[0], device=kept.device)
-    solution, residual = torch.zeros_like(kept), rhs
-    preconditioned = _v_cycle(residual, levels)
+    solution = result.clone()
+    residual = rhs - hole * (weight * solution - _neighbours(solution))
+    preconditioned = precondition(residual)
     direction = preconditioned
     rho = (residual * preconditioned).flatten(1).sum(dim=1)
     norm = rhs.flatten(1).norm(dim=1).clamp_min(1e-30)
@@ -176,18 +138,33 @@ def _multigrid_cg(kept: torch.Tensor, hole: torch.Tensor, tolerance: float, max_
             levels = [(mask[keep], grid_weight) for mask, grid_weight in levels]
             active, solution, residual = active[keep], solution[keep], residual[keep]
             direction, preconditioned, rho, norm = direction[keep], preconditioned[keep], rho[keep], norm[keep]
-        mask = levels[0][0]
-        applied = mask * (weight * direction - _neighbours(direction))
+        applied = levels[0][0] * (weight * direction - _neighbours(direction))
         step = rho / (direction * applied).flatten(1).sum(dim=1).clamp_min(1e-30)
         solution = solution + step.view(-1, 1, 1, 1) * direction
         residual = residual - step.view(-1, 1, 1, 1) * applied
-        following = _v_cycle(residual, levels)
+        following = precondition(residual)
         rho_next = (residual * following).flatten(1).sum(dim=1)
         beta = (residual * (following - preconditioned)).flatten(1).sum(dim=1) / rho.clamp_min(1e-30)
         direction = following + beta.view(-1, 1, 1, 1) * direction
         preconditioned, rho = following, rho_next
     result[active] = solution  # what the iteration limit left
     return result
+
+
+def _nested(kept: torch.Tensor, hole: torch.Tensor, tolerance: float, max_iterations: int) -> torch.Tensor:
+    """Solve on a grid of half the resolution first (a 2x2 block is removed there when all its pixels are;
+    a block keeps the mean of its kept pixels) and start from its solution: the smooth part of the answer,
+    which costs CG the most iterations at full resolution, comes cheaply from the coarse grid."""
+    height, width = hole.shape[-2:]
+    if min(height, width) < 32:
+        start = _push_pull(kept, 1 - hole)
+    else:
+        kept_weight = F.avg_pool2d(1 - hole, 2, ceil_mode=True)
+        coarse_hole = (kept_weight == 0).to(hole.dtype)
+        coarse_kept = F.avg_pool2d(kept, 2, ceil_mode=True) / kept_weight.clamp_min(1e-12) * (1 - coarse_hole)
+        coarse = coarse_kept + _nested(coarse_kept, coarse_hole, tolerance * 10, max_iterations)
+        start = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    return _conjugate_gradients(kept, hole, start, tolerance, max_iterations, multigrid=False)
 
 
 def block_share(hole: torch.Tensor) -> torch.Tensor:
@@ -203,9 +180,11 @@ def _solve(kept: torch.Tensor, hole: torch.Tensor, tolerance: float, max_iterati
     if min(hole.shape[-2:]) < 16 or not bool(multigrid.any()):
         return _nested(kept, hole, tolerance, max_iterations)
     if bool(multigrid.all()):
-        return _multigrid_cg(kept, hole, tolerance, max_iterations)
+        return _conjugate_gradients(kept, hole, torch.zeros_like(kept), tolerance, max_iterations, multigrid=True)
     result = torch.empty_like(kept)
-    result[multigrid] = _multigrid_cg(kept[multigrid], hole[multigrid], tolerance, max_iterations)
+    result[multigrid] = _conjugate_gradients(
+        kept[multigrid], hole[multigrid], torch.zeros_like(kept[multigrid]), tolerance, max_iterations, multigrid=True
+    )
     result[~multigrid] = _nested(kept[~multigrid], hole[~multigrid], tolerance, max_iterations)
     return result
 
