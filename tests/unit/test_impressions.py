@@ -6,7 +6,7 @@ import torch
 
 from cnnscope import InputError, TargetError, class_impressions
 from cnnscope.features import Transforms, salient_regions
-from cnnscope.features.impressions import main_region_masks
+from cnnscope.features.impressions import main_region_masks, plainness, region_weights
 from cnnscope.features.param import make_param
 from cnnscope.testing import check_cleanup_on_error, check_untouched
 from cnnscope.testing.models import tiny_model
@@ -62,10 +62,45 @@ def test_the_loss_mask_is_the_main_region_grown_as_asked():
     assert torch.equal(masks[1], torch.ones(7, 7))  # nothing salient yet: nothing is penalized
 
 
+def test_the_focus_weights_sum_to_one_in_the_region_and_fill_raises_the_weak_cells():
+    saliency = torch.tensor([[[1.0, 0.5, 0.0], [0.8, 0.2, 0.0], [0.0, 0.0, 0.9]]])
+    region = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])  # peak 1.0, cells 0.5 and 0.8
+    by_saliency = region_weights(saliency, region, "saliency")
+    torch.testing.assert_close(by_saliency[0, 0], torch.tensor([1.0, 0.5, 0.0]) / 2.3)
+    torch.testing.assert_close(by_saliency[0, 1, 0], torch.tensor(0.8 / 2.3))
+    torch.testing.assert_close(region_weights(saliency, region, "region"), region / 3)
+    fill = region_weights(saliency, region, "fill")  # peak - G inside: 0, 0.5, 0.2 -> the weakest cell most
+    torch.testing.assert_close(fill[0, 0], torch.tensor([0.0, 0.5 / 0.7, 0.0]))
+    torch.testing.assert_close(fill[0, 1, 0], torch.tensor(0.2 / 0.7))
+    assert float(fill[0, 2, 2]) == 0.0 and float(by_saliency.sum()) == pytest.approx(1.0)
+    flat = region_weights(torch.ones(1, 3, 3), torch.ones(1, 3, 3), "fill")  # an even region has nothing to fill
+    assert float(flat.abs().sum()) == 0.0
+    with pytest.raises(InputError, match="focus_weights"):
+        region_weights(saliency, region, "peak")
+
+
+def test_plainness_counts_only_the_view_outside_the_region():
+    region = torch.zeros(1, 2, 2)
+    region[0, 0, 0] = 1.0  # the top-left quarter of the view
+    view = torch.zeros(1, 3, 8, 8)
+    view[:, :, :4, :4] = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))  # texture inside
+    view[:, :, 4:, :] = 2.0  # a flat colour outside, not the same as the rest of the outside
+    outside = torch.ones(8, 8)
+    outside[:4, :4] = 0
+    values = view[0][:, outside.bool()]  # (3, 48) pixels outside
+    expected = (values - values.mean(dim=1, keepdim=True)).square().sum() / 64
+    torch.testing.assert_close(plainness(view, region), expected[None])
+    plain = view.clone()
+    plain[:, :, 4:, :] = 0.0  # the outside all one colour: plain
+    torch.testing.assert_close(plainness(plain, region), torch.zeros(1))
+
+
 def test_without_the_saliency_terms_it_is_plain_maximize():
     """focus = outside = 0 leaves the class score alone: the same start, transforms and steps as maximize."""
     model = tiny_model()
-    result = class_impressions(model, [0, 3], steps=6, size=32, lr=0.1, seed=3, focus=0.0, outside=0.0, quiet=True)
+    result = class_impressions(
+        model, [0, 3], steps=6, size=32, lr=0.1, seed=3, focus=0.0, outside=0.0, background=0.0, quiet=True
+    )
     assert result.baseline is not None
     torch.testing.assert_close(result.tensor, result.baseline.tensor, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.history, result.baseline.history, rtol=1e-5, atol=1e-5)
@@ -75,10 +110,13 @@ def test_the_saliency_terms_change_the_images_and_the_objective_rises():
     model = tiny_model()
     common = dict(steps=8, size=32, lr=0.1, seed=3, quiet=True, baseline=False)
     driven = class_impressions(model, [0, 3], **common)
-    even = class_impressions(model, [0, 3], focus_weights="region", grow=0, **common)
-    plain = class_impressions(model, [0, 3], focus=0.0, outside=0.0, **common)
-    assert not torch.allclose(driven.tensor, plain.tensor) and not torch.allclose(driven.tensor, even.tensor)
-    for result in (driven, even):
+    even = class_impressions(model, [0, 3], focus_weights="region", grow=0, background=0.0, momentum=0.0, **common)
+    peaked = class_impressions(model, [0, 3], focus_weights="saliency", **common)
+    plain = class_impressions(model, [0, 3], focus=0.0, outside=0.0, background=0.0, **common)
+    held = class_impressions(model, [0, 3], momentum=0.5, **common)
+    for other in (plain, even, peaked, held):
+        assert not torch.allclose(driven.tensor, other.tensor)
+    for result in (driven, even, peaked, held):
         assert (result.objective_history[-1] > result.objective_history[0]).all()
     # with the terms off the objective is the score itself
     np.testing.assert_array_equal(plain.objective_history, plain.history)
@@ -155,5 +193,9 @@ def test_bad_input_says_what_to_do():
         class_impressions(model, [0], steps=2, size=16, grow=-1)
     with pytest.raises(InputError, match="focus_weights"):
         class_impressions(model, [0], steps=2, size=16, focus_weights="peak")
+    with pytest.raises(InputError, match="background"):
+        class_impressions(model, [0], steps=2, size=16, background=-1.0)
+    with pytest.raises(InputError, match="momentum"):
+        class_impressions(model, [0], steps=2, size=16, momentum=1.0)
     with pytest.raises(InputError, match="transforms"):
         class_impressions(model, [0], steps=2, size=16, transforms="jitter")

@@ -311,15 +311,21 @@ def impressions(
     size: Annotated[int | None, typer.Option("--size", min=8, help="image side (default: the model's input)")] = None,
     param: Annotated[str, typer.Option("--param", help="fourier or pixel")] = "fourier",
     focus: Annotated[
-        float, typer.Option("--focus", min=0.0, help="weight of the saliency-weighted evidence in the main region")
-    ] = 1.0,
+        float, typer.Option("--focus", min=0.0, help="weight of the class evidence in the main region (focus term)")
+    ] = 6.0,
     outside: Annotated[
         float, typer.Option("--outside", min=0.0, help="weight of the penalty on class evidence outside it")
     ] = 3.0,
     grow: Annotated[int, typer.Option("--grow", min=0, help="cells the main region grows by before the penalty")] = 1,
     focus_weights: Annotated[
-        str, typer.Option("--focus-weights", help="saliency (the main region by saliency) or region (evenly)")
-    ] = "saliency",
+        str,
+        typer.Option(
+            "--focus-weights", help="fill (the region's weak cells most), saliency (by saliency) or region (evenly)"
+        ),
+    ] = "fill",
+    background: Annotated[
+        float, typer.Option("--background", min=0.0, help="weight of the pull towards a plain background outside it")
+    ] = 5.0,
     layer: Annotated[
         str | None, typer.Option("--layer", help="the Grad-CAM layer (default: the default target layer)")
     ] = None,
@@ -359,6 +365,7 @@ def impressions(
         outside=outside,
         grow=grow,
         focus_weights=focus_weights,
+        background=background,
         layer=layer,
         seed=seed,
         baseline=not no_baseline,
