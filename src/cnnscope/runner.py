@@ -98,12 +98,8 @@ def explain_images(
                 explanation: Explanation = explainer(chunk, target, names=names[start : start + batch_size])
                 for local, k, entry in explanation.records():
                     index = start + local
-                    clip = chunk[local] if getattr(chunk[local], "frames", None) else None
-                    if clip is not None:  # a video clip: a frame strip here, GIF and MP4 below
-                        frames = _clip_entry(explanation, local, k, clip, entry, alpha, colormap)
-                        picture = frames[0]
-                    else:
-                        picture = explanation.overlay(local, k, alpha=alpha, colormap=colormap)
+                    clip = _as_clip(chunk[local])  # a video clip: a frame strip here, GIF and MP4 below
+                    picture, frames = map_picture(explanation, local, k, clip, entry, alpha, colormap)
                     class_index = entry["class_index"]
                     entry["file"] = None
                     if out is not None:
@@ -112,14 +108,13 @@ def explain_images(
                         save_png(picture, str(path))
                         entry["file"] = str(path)
                         if clip is not None:
-                            entry.update(_write_clip(frames[1], path, clip))
+                            entry.update(_write_clip(frames, path, clip))
                         elif explanation.maps.ndim == 5:  # a volume's map, also as NIfTI on the scan's affine
                             entry["nifti"] = _write_volume_map(explanation, local, k, chunk[local], path)
                     results[index]["explanations"].append(entry)
                     rows_overlays[index].append((explanation.caption(local, k), picture))
                 for local in range(len(chunk)):
-                    picture = explanation.images[local]  # a volume: its middle slice in the report
-                    shown[start + local] = picture if picture.ndim == 3 else picture[picture.shape[0] // 2]
+                    shown[start + local] = input_picture(explanation, local, chunk[local])
                 for local, predictions in enumerate(explanation.top):
                     results[start + local]["top5"] = [
                         {"class_index": p.index, "class_name": p.name, "probability": round(p.probability, 6)}
@@ -174,6 +169,39 @@ def _size(image) -> list[int]:
     if getattr(image, "values", None) is not None or values.ndim == 4:
         return [int(values.shape[2]), int(values.shape[1]), int(values.shape[0])]
     return [int(values.shape[1]), int(values.shape[0])]
+
+
+def _as_clip(source):
+    """``source`` when it is a :class:`~cnnscope.io_volumes.Clip` (it has frames), else None."""
+    return source if getattr(source, "frames", None) else None
+
+
+#: Frames per row of a clip's pictures in the compare grid (one long strip would make the figure very wide).
+GRID_FRAMES_PER_ROW = 4
+
+
+def input_picture(explanation: Explanation, i: int, source=None, columns: int | None = None) -> np.ndarray:
+    """The picture of input ``i`` shown beside its maps (report rows, the compare grid): a picture as it is, a
+    clip's frames as a strip (in rows of ``columns``), a volume's middle slice."""
+    picture = explanation.images[i]
+    if picture.ndim == 3:
+        return picture
+    if _as_clip(source) is not None:
+        from .render.clips import frame_strip
+
+        return frame_strip(list(picture), columns=columns)
+    return picture[picture.shape[0] // 2]
+
+
+def map_picture(explanation: Explanation, i: int, k: int, source, entry: dict, alpha: float, colormap=None):
+    """The picture of one map and its JSON entry completed: for a clip, the frame strip (and the overlay frames,
+    for a GIF and MP4) with ``peak`` [x, y, t] and ``temporal``; otherwise the overlay (a volume's planes through
+    the peak, whose ``peak`` is [x, y, z]). Returns (picture, frames or None)."""
+    clip = _as_clip(source)
+    if clip is not None:
+        strip, frames = _clip_entry(explanation, i, k, clip, entry, alpha, colormap)
+        return strip, frames
+    return explanation.overlay(i, k, alpha=alpha, colormap=colormap), None
 
 
 def _clip_entry(explanation: Explanation, i: int, k: int, clip, entry: dict, alpha: float, colormap):
@@ -238,7 +266,8 @@ def compare_image(
 ):
     """One image, several methods (rows) or one layer method at several layers (rows), and its
     classes (columns). Returns (matplotlib Figure, JSON-able summary with each map's peak and each
-    method's seconds)."""
+    method's seconds). A volume's maps are its planes through the peak (``peak`` [x, y, z]); a clip's, its frame
+    strip (``peak`` [x, y, t] with ``temporal``), as ``explain`` draws them."""
     import time
 
     from .errors import MethodError
@@ -269,7 +298,15 @@ def compare_image(
     classes = [int(t) for t in first.targets[0] if int(t) >= 0]
     columns = [f"{short_name(first.labels[c])} ({float(first.probabilities[0, c]):.1%})" for c in classes]
     for label, explanation, seconds in explanations:
-        overlays = [explanation.overlay(0, k, alpha=alpha) for k in range(len(classes))]
+        records = [explanation.record(0, k) for k in range(len(classes))]
+        overlays = []
+        for k in range(len(classes)):
+            picture, frames = map_picture(explanation, 0, k, image, records[k], alpha)
+            if frames is not None:  # a clip: its overlay frames in rows, as the input beside them
+                from .render.clips import frame_strip
+
+                picture = frame_strip(frames, columns=GRID_FRAMES_PER_ROW)
+            overlays.append(picture)
         rows.append((label, overlays))
         summary["rows"].append(
             {
@@ -279,10 +316,11 @@ def compare_image(
                 "seconds": round(seconds, 4),
                 "forwards": explanation.stats.get("forwards"),
                 "backwards": explanation.stats.get("backwards"),
-                "maps": [explanation.record(0, k) for k in range(len(classes))],
+                "maps": records,
             }
         )
-    figure = comparison_grid(first.images[0], rows, columns, title=f"{name} · {model.name}")
+    shown = input_picture(first, 0, image, columns=GRID_FRAMES_PER_ROW)
+    figure = comparison_grid(shown, rows, columns, title=f"{name} · {model.name}")
     return figure, summary
 
 

@@ -127,3 +127,70 @@ def test_a_clip_from_the_command_line(capsys, tmp_path, suffix):
     with Image.open(entry["file"]) as strip, Image.open(entry["gif"]) as gif:
         assert strip.size[0] > 8 * 96 and gif.n_frames == 8
     assert entry["mp4"] is None or Path(entry["mp4"]).stat().st_size > 0
+
+
+def test_compare_a_volume(capsys, tmp_path):
+    """cnnscope compare on a 3-D model: a volume's rows are its planes through the peak (peak [x, y, z]), as explain
+    draws them."""
+    from tests.unit.test_inputs_volumes import CubeNet, cube_volume, near_cube
+
+    torch.save(CubeNet().eval(), tmp_path / "cube.pt")
+    np.save(tmp_path / "scan.npy", cube_volume())
+    code, out, err = run(
+        capsys, "compare", str(tmp_path / "scan.npy"), "--model", str(tmp_path / "cube.pt"), "--trust-pickle",
+        "--size", "16,16,32", "--mean", "0", "--std", "1", "--methods", "gradcam,occlusion", "-t", "1",
+        "--option", "window=4,4,4", "--option", "stride=4", "-o", str(tmp_path / "volume"), "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["image"] == "scan" and [row["method"] for row in summary["rows"]] == ["gradcam", "occlusion"]
+    for row in summary["rows"]:
+        assert near_cube(tuple(row["maps"][0]["peak"])), row
+    assert (tmp_path / "volume" / "scan_compare.png").stat().st_size > 0
+
+
+def test_compare_a_clip(capsys, tmp_path):
+    """A clip's rows are frame strips, with peak [x, y, t] and temporal in the JSON."""
+    from cnnscope.render.animate import write_gif
+    from tests.unit.test_inputs_clips import LIT, FlashNet, flash_frames
+
+    torch.save(FlashNet().eval(), tmp_path / "flash.pt")
+    write_gif(flash_frames(), tmp_path / "clip.gif", fps=8, hold=1.0)
+    code, out, err = run(
+        capsys, "compare", str(tmp_path / "clip.gif"), "--model", str(tmp_path / "flash.pt"), "--trust-pickle",
+        "--size", "8,32,32", "--mean", "0,0,0", "--std", "1,1,1", "--methods", "gradcam,saliency", "-t", "1",
+        "-o", str(tmp_path / "clip"), "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    for row in json.loads(out)["rows"]:
+        entry = row["maps"][0]
+        x, y, t = entry["peak"]
+        assert 20 <= x < 28 and 8 <= y < 16 and t in LIT, (row["method"], entry["peak"])
+        lit = sum(share for share, frame in zip(entry["temporal"], entry["frames"], strict=True) if frame in LIT)
+        assert lit > 0.9, (row["method"], entry["temporal"])
+    with Image.open(tmp_path / "clip" / "clip_compare.png") as grid:  # 8 frames in 2 rows of 4 per picture
+        assert grid.size[1] < grid.size[0] < 4 * grid.size[1]
+
+
+def test_the_report_of_a_clip_shows_its_frames(tmp_path):
+    """explain's report.html: a clip's row picture is the strip of its input frames, its map the overlay strip."""
+    import base64
+    import io
+    import re
+
+    from cnnscope.io_volumes import Clip
+    from cnnscope.runner import explain_images
+    from tests.unit.test_inputs_clips import flash_frames, flash_model
+
+    frames = np.stack(flash_frames()[::3])
+    clip = Clip(frames, frames=tuple(range(0, 24, 3)), total=24)
+    summary = explain_images(flash_model(), [clip], ["flash"], target=1, out_dir=tmp_path)
+    page = Path(summary["report"]).read_text()
+    pictures = [
+        Image.open(io.BytesIO(base64.b64decode(data)))
+        for data in re.findall(r"src=\"data:image/png;base64,([^\"]+)\"", page)
+    ]
+    assert len(pictures) == 2  # the clip's frames, the map's strip
+    for picture in pictures:
+        assert picture.size[0] > 4 * picture.size[1]  # 8 frames side by side
+    assert len(summary["images"][0]["explanations"][0]["temporal"]) == 8

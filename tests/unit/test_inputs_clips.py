@@ -4,11 +4,13 @@ map's mass per frame point there."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch import nn
 
 import cnnscope
+from cnnscope.errors import MethodError
 from cnnscope.io_volumes import Clip, read_clip, sample_frames
 from cnnscope.models import Model, Preprocess
 from cnnscope.render.clips import frame_strip, overlay_frames, temporal_mass
@@ -78,3 +80,38 @@ def test_a_clip_model_points_at_the_frames_and_the_place_of_its_evidence(tmp_pat
     frames = overlay_frames(explanation.images[0], explanation.normalized()[0, 0].numpy())
     assert len(frames) == 8 and frames[0].shape == (32, 32, 3)
     assert frame_strip(frames).shape == (96, 8 * 96 + 7 * 4, 3)
+    tile = frame_strip(frames, columns=3)  # rows of 3, 3 and 2 frames
+    assert tile.shape == (3 * 96 + 2 * 4, 3 * 96 + 2 * 4, 3)
+    assert (tile[:96, :96] == frame_strip(frames[:1])).all() and (tile[-96:, -96:] == 255).all()
+
+
+def test_occlusion_window_per_axis_localizes_the_lit_frames():
+    """A window of 1 frame in time (and 8 x 8 in space) puts the clip's mass in the lit frames; a window spanning
+    all 8 frames spreads it over every frame: per-axis windows make ``temporal`` sharp."""
+    model = flash_model()
+    clip = Clip(np.stack(flash_frames())[list(sample_frames(FRAMES, 8))], frames=tuple(sample_frames(FRAMES, 8)))
+    lit = [slot for slot, frame in enumerate(clip.frames) if frame in LIT]
+    shares = {}
+    for window, stride in [("1,8,8", "1,4,4"), ((8, 8, 8), (1, 4, 4))]:  # CLI text and a Python tuple
+        explanation = cnnscope.explain(
+            model, clip, method="occlusion", target=1, window=window, stride=stride, score="logit", quiet=True
+        )
+        mass = temporal_mass(explanation.maps[0, 0])
+        shares[window] = sum(mass[slot] for slot in lit)
+        x, y, _ = explanation.peak(0, 0)
+        assert 16 <= x < 32 and 4 <= y < 20, (window, x, y)
+    assert shares["1,8,8"] > 0.99  # only the lit frames lose the flash when occluded
+    assert shares[(8, 8, 8)] == pytest.approx(len(lit) / 8, abs=1e-6)  # every frame is in every patch: uniform
+
+
+def test_occlusion_window_with_the_wrong_count_is_one_line():
+    model = flash_model()
+    clip = np.stack(flash_frames()[:8])
+    with pytest.raises(MethodError, match=r"window has 2 values but the input has 3 spatial axes 8x32x32.*\(t, h, w\)"):
+        cnnscope.explain(model, clip, method="occlusion", target=1, window="8,8", quiet=True)
+    with pytest.raises(MethodError, match=r"stride has 4 values"):
+        cnnscope.explain(model, clip, method="occlusion", target=1, window=4, stride=[1, 2, 2, 2], quiet=True)
+    with pytest.raises(MethodError, match=r"option window of occlusion: takes one whole number .* 4,16,16"):
+        cnnscope.explain(model, clip, method="occlusion", target=1, window="4,x,16", quiet=True)
+    with pytest.raises(MethodError, match=r"window 9x8x8 does not fit a 8x32x32 input; give at most 8,32,32"):
+        cnnscope.explain(model, clip, method="occlusion", target=1, window=(9, 8, 8), quiet=True)

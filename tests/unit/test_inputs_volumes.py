@@ -71,7 +71,11 @@ def near_cube(peak: tuple[int, ...], cell: float = 4.0) -> bool:
         ("integrated-gradients", {"steps": 16}),
         ("smoothgrad", {"samples": 4}),
         ("occlusion", {"window": 4, "stride": 4, "score": "logit"}),
+        ("occlusion", {"window": 4, "stride": 4, "score": "logit", "fill": "blur"}),
+        ("integrated-gradients", {"steps": 16, "baseline": "blur", "blur_sigma": 3.0}),
         ("rise", {"masks": 300, "cells": 4}),
+        ("eigencam", {}),
+        ("guided-gradcam", {}),
     ],
 )
 def test_3d_maps_peak_on_the_bright_cube(method, options):
@@ -156,3 +160,34 @@ def test_a_dicom_series_is_sorted_by_position_and_rescaled(tmp_path):
     for slot, z in enumerate([10, 20, 30]):  # sorted by position, each rescaled: 2 * stored - 1024
         assert np.array_equal(volume.values[slot, ..., 0], (base + z).astype(np.float32) * 2 - 1024)
     assert volume.affine[2, 2] == pytest.approx(10.0)
+
+
+def test_a_3d_blur_is_separable_smooth_and_per_channel():
+    from cnnscope.methods.gradient import gaussian_blur
+
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.rand((1, 2, 12, 16, 20), generator=generator)
+    blurred = gaussian_blur(noise, 1.5)
+    assert blurred.shape == noise.shape
+
+    def roughness(values: torch.Tensor) -> float:  # mean squared difference between neighbours, every axis
+        return sum(float(values.diff(dim=axis).pow(2).mean()) for axis in (2, 3, 4))
+
+    assert roughness(blurred) < 0.05 * roughness(noise)  # smooth on every axis, the slices included
+    assert float(blurred.mean()) == pytest.approx(float(noise.mean()), abs=0.01)  # the kernel sums to 1
+    # a delta in channel 0 spreads as the product of three 1-D Gaussians, and never into channel 1
+    delta = torch.zeros((1, 2, 13, 13, 13))
+    delta[0, 0, 6, 6, 6] = 1.0
+    spread = gaussian_blur(delta, 1.0)
+    line = torch.exp(-(torch.arange(-3, 4.0) ** 2) / 2)
+    line = line / line.sum()
+    expected = torch.einsum("i,j,k->ijk", line, line, line)
+    assert torch.allclose(spread[0, 0, 3:10, 3:10, 3:10], expected, atol=1e-7)
+    assert float(spread[0, 1].abs().max()) == 0.0
+    # slices that are all the same picture: each blurred slice is that picture's 2-D blur
+    picture = noise[:, :, 0]
+    stack = picture.unsqueeze(2).repeat(1, 1, 5, 1, 1)
+    assert torch.allclose(gaussian_blur(stack, 1.5)[:, :, 2], gaussian_blur(picture, 1.5), atol=1e-6)
+    # a clip with fewer frames than the kernel's radius: replicate padding along time, still a smooth average
+    short = gaussian_blur(torch.rand((1, 3, 2, 16, 16), generator=generator), 2.0)
+    assert short.shape == (1, 3, 2, 16, 16) and torch.isfinite(short).all()

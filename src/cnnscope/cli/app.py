@@ -345,7 +345,7 @@ def explain(
 
 @app.command()
 def compare(
-    image: Annotated[Path, typer.Argument(help="one image file")],
+    image: Annotated[Path, typer.Argument(help="one image file (or a volume or clip for a 3-D model)")],
     methods: Annotated[
         str, typer.Option("--methods", help="comma-separated methods (rows)")
     ] = "gradcam,gradcam++,scorecam,guided-gradcam,saliency,smoothgrad,ig",
@@ -374,20 +374,25 @@ def compare(
     for name in names:
         METHODS.get(name)
     loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels, size, mean, std)
-    picture = load_image(image)
+    stem = image.stem
+    if loaded.preprocess.spatial_dims == 3:  # a volume or clip, read as explain reads them
+        pictures, stems, _ = _read_inputs(loaded, [image], strict=True)
+        picture, stem = pictures[0], stems[0]
+    else:
+        picture = load_image(image)
     chosen = _targets(target, None) if target else f"top{top_k}"
     layer_list = [layer.strip() for layer in layers.split(",")] if layers else None
     figure, summary = compare_image(
         loaded,
         picture,
-        image.stem,
+        stem,
         methods=names,
         target=chosen,
         layers=layer_list,
         options=parse_pairs(option or []),
         quiet=quiet,
     )
-    path = _write_figure(figure, out / f"{image.stem}_compare.png", summary)
+    path = _write_figure(figure, out / f"{stem}_compare.png", summary)
     if as_json:
         _print_json(summary)
         return

@@ -658,9 +658,11 @@ class GuidedGradCAM(Method):
         cam = self.gradcam.compute(batch, resolve)
         guided = self.guided.attributions(batch, lambda _logits: cam.targets)
         mode = self.config["upsample"]
-        size = tuple(batch.shape[-2:])
+        size = tuple(batch.shape[2:])  # (H, W), or (D, H, W) of a volume or clip
+        if mode == "bilinear" and len(size) == 3:
+            mode = "trilinear"  # the same linear upsampling over three axes
         upsampled = F.interpolate(
-            cam.raw, size=size, mode=mode, **({"align_corners": False} if mode == "bilinear" else {})
+            cam.raw, size=size, mode=mode, **({"align_corners": False} if mode != "nearest" else {})
         )
         channels = guided.channels * upsampled.unsqueeze(2)
         return Computed(

@@ -165,15 +165,33 @@ def _interpolation_nodes(steps: int, rule: str) -> tuple[torch.Tensor, torch.Ten
 
 
 def gaussian_blur(batch: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Per-channel Gaussian blur with reflect padding (a baseline for Integrated Gradients)."""
+    """Per-channel Gaussian blur (a baseline for Integrated Gradients, occlusion's blur fill) of ``sigma`` pixels
+    over every spatial axis: (N, C, H, W) pictures, (N, C, D, H, W) volumes and clips (T blurred as an axis like
+    the others). Separable: one 1-D kernel of radius 3 sigma along each axis in turn, never across channels, with
+    reflect padding (replicate along an axis shorter than the radius, such as a clip's few frames)."""
     radius = max(1, int(3 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=batch.dtype, device=batch.device)
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
+    if batch.ndim != 4:
+        return _separable_blur(batch, kernel, radius)
     channels = batch.shape[1]
     padded = F.pad(batch, (radius, radius, radius, radius), mode="reflect")
     horizontal = F.conv2d(padded, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
     return F.conv2d(horizontal, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+
+
+def _separable_blur(batch: torch.Tensor, kernel: torch.Tensor, radius: int) -> torch.Tensor:
+    """``batch`` (N, C, *spatial) convolved with the 1-D ``kernel`` along each spatial axis (same size)."""
+    blurred = batch
+    for axis in range(2, batch.ndim):
+        moved = blurred.movedim(axis, -1)
+        shape = moved.shape
+        rows = moved.reshape(-1, 1, shape[-1])  # every channel's line along the axis on its own: no mixing
+        mode = "reflect" if radius < shape[-1] else "replicate"
+        rows = F.conv1d(F.pad(rows, (radius, radius), mode=mode), kernel.view(1, 1, -1))
+        blurred = rows.reshape(shape).movedim(-1, axis)
+    return blurred.contiguous()
 
 
 @register_method("integrated-gradients")
@@ -221,8 +239,6 @@ class IntegratedGradients(GradientMethod):
         if given == "black":
             return self.model.preprocess.normalize(torch.zeros_like(batch)).contiguous()
         if given == "blur":
-            if batch.ndim != 4:
-                raise MethodError("the 'blur' baseline is for pictures; use 'black' or 'noise' for volumes and clips")
             return gaussian_blur(batch.detach(), float(self.config["blur_sigma"]))
         if given == "noise":
             generator = torch.Generator().manual_seed(int(self.config["seed"]))

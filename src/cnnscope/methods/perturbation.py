@@ -234,9 +234,7 @@ class PerturbationMethod(Method):
             return self.normalize(torch.full_like(pixels, 0.5))
         if fill == "mean":
             return self.normalize(pixels.mean(dim=tuple(range(2, pixels.ndim)), keepdim=True).expand_as(pixels))
-        if fill == "blur":
-            if image.ndim != 4:
-                raise MethodError("the 'blur' fill is for pictures; use grey, mean, zero or noise for volumes or clips")
+        if fill == "blur":  # sigma: a 32nd of the width, on every axis (the slices or frames too)
             return gaussian_blur(image, max(1.0, image.shape[-1] / 32))
         if fill == "zero":
             return torch.zeros_like(image)
@@ -260,10 +258,63 @@ def _positions(size: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+def parse_sizes(value: object) -> int | tuple[int, ...]:
+    """An occlusion ``window`` or ``stride``: one whole number for every spatial axis, or one per axis: a list or
+    tuple, or text such as ``"4,16,16"`` (the command line's ``--option window=4,16,16``). Each is 1 to 4096."""
+    if isinstance(value, str):
+        parts: list = [part for part in value.strip().strip("[]()").replace(";", ",").split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    sizes = []
+    for part in parts:
+        text = part.strip() if isinstance(part, str) else part
+        try:
+            size = int(text) if isinstance(text, str) else text
+        except ValueError:
+            size = None
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= int(size) <= 4096:
+            raise ValueError(
+                f"takes one whole number of pixels from 1 to 4096, or one per spatial axis such as 4,16,16 for a "
+                f"(t, h, w) clip or (d, h, w) volume; got {value!r}"
+            )
+        sizes.append(int(size))
+    if not sizes:
+        raise ValueError(f"takes one whole number of pixels, or one per spatial axis such as 4,16,16; got {value!r}")
+    return sizes[0] if len(sizes) == 1 else tuple(sizes)
+
+
+def per_axis(name: str, value: int | tuple[int, ...], spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """``value`` (one size, or one per axis) for each of the ``spatial`` axes; a wrong count is a one-line error."""
+    if isinstance(value, int):
+        return (value,) * len(spatial)
+    if len(value) != len(spatial):
+        axes = {2: "(h, w)", 3: "(t, h, w) for a clip, (d, h, w) for a volume"}.get(len(spatial), "")
+        raise MethodError(
+            f"occlusion {name} has {len(value)} values but the input has {len(spatial)} spatial axes "
+            f"{'x'.join(map(str, spatial))}; give one value for every axis or {len(spatial)} values {axes}"
+        )
+    return tuple(value)
+
+
+class SizesOption(Option):
+    """An option of one size or one per spatial axis (occlusion's ``window`` and ``stride``), listed with its
+    range in words (the web form reads it as text or JSON)."""
+
+    def describe_range(self) -> str:
+        return "a whole number from 1 to 4096, or one per spatial axis (h,w or t,h,w or d,h,w)"
+
+
+def _size_option(default: int, help: str) -> Option:
+    return SizesOption("object", default, help, check=parse_sizes)
+
+
 @register_method("occlusion")
 class Occlusion(PerturbationMethod):
     """Occlusion sensitivity (Zeiler & Fergus 2014; MATLAB's ``occlusionSensitivity``): slide a
-    ``window`` x ``window`` patch with ``stride`` over the image, fill it (``fill``: grey, mean colour,
+    ``window`` x ``window`` patch with ``stride`` over the image (either one size for every axis or one per
+    axis: (h, w), (d, h, w) for a volume, (t, h, w) for a clip), fill it (``fill``: grey, mean colour,
     blur, zero in model-input space as Captum's default baseline, or seeded noise) and record how much
     the target's score drops (``score``: probability or logit). Each pixel gets the average drop over
     the patches covering it, so the map is at the input's resolution. ``stats["winners"]`` holds, per
@@ -272,8 +323,10 @@ class Occlusion(PerturbationMethod):
 
     summary = "score drop when a sliding patch is occluded (Zeiler & Fergus 2014)"
     options: ClassVar[Options] = PerturbationMethod.options | Options(
-        window=integer(32, "side of the occluding patch, in model-input pixels", low=1, high=4096),
-        stride=integer(16, "step between patches, in pixels", low=1, high=4096),
+        window=_size_option(
+            32, "side of the occluding patch in model-input pixels (a clip's window=4,16,16: 4 frames, 16 x 16 px)"
+        ),
+        stride=_size_option(16, "step between patches, in pixels (and frames or slices)"),
         fill=choice("grey", FILLS, "what the patch holds"),
         score=choice("probability", ("probability", "logit"), "the score whose drop is mapped"),
         seed=SEED,
@@ -282,18 +335,23 @@ class Occlusion(PerturbationMethod):
     def score_kind(self) -> str:
         return str(self.config["score"])
 
-    # Written over the spatial dims: a window x window patch of a picture, a window^3 cube of a volume or clip.
+    # Written over the spatial dims: a window x window patch of a picture, a box of a volume or clip.
     def start(self, run: Perturbed) -> None:
-        window, stride = int(self.config["window"]), int(self.config["stride"])
         spatial = tuple(int(n) for n in run.image.shape[2:])
-        if window > min(spatial):
-            raise MethodError(f"window must be 1 to {min(spatial)} pixels for a {'x'.join(map(str, spatial))} input")
-        axes = [_positions(n, window, stride) for n in spatial]
+        window = per_axis("window", self.config["window"], spatial)
+        stride = per_axis("stride", self.config["stride"], spatial)
+        if any(w > n for w, n in zip(window, spatial, strict=True)):
+            raise MethodError(
+                f"occlusion window {'x'.join(map(str, window))} does not fit a {'x'.join(map(str, spatial))} input; "
+                f"give at most {','.join(map(str, spatial))}"
+            )
+        axes = [_positions(n, w, step) for n, w, step in zip(spatial, window, stride, strict=True)]
         generator = torch.Generator().manual_seed(int(self.config["seed"]))
         positions = list(itertools.product(*axes))
         run.total = len(positions)
         run.state.update(
             positions=positions,
+            window=window,
             grid=tuple(len(axis) for axis in axes),
             fill=self.fill_for(run.image, str(self.config["fill"]), generator),
             sums=torch.zeros((len(run.targets), *spatial), device=run.image.device),
@@ -301,15 +359,15 @@ class Occlusion(PerturbationMethod):
             winners=torch.full((len(positions),), -1, dtype=torch.long),
         )
 
-    def _box(self, position: tuple[int, ...]) -> tuple[slice, ...]:
-        window = int(self.config["window"])
-        return tuple(slice(start, start + window) for start in position)
+    @staticmethod
+    def _box(position: tuple[int, ...], window: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(start, start + size) for start, size in zip(position, window, strict=True))
 
     def make(self, run, start, stop):
         fill = run.state["fill"]
         occluded = run.image.repeat(stop - start, *([1] * (run.image.ndim - 1)))
         for row, position in enumerate(run.state["positions"][start:stop]):
-            box = (slice(None), *self._box(position))
+            box = (slice(None), *self._box(position, run.state["window"]))
             occluded[(row, *box)] = fill[(0, *box)]
         return occluded
 
@@ -317,14 +375,14 @@ class Occlusion(PerturbationMethod):
         state = run.state
         drops = run.base - run.picked(scores)  # (n, K)
         for row, position in enumerate(state["positions"][start : start + len(scores)]):
-            box = self._box(position)
+            box = self._box(position, state["window"])
             state["sums"][(slice(None), *box)] += drops[row].view(-1, *([1] * len(box)))
         state["winners"][start : start + len(scores)] = scores.argmax(dim=1).cpu()
 
     def finish(self, run):
         counts = run.state["counts"]
         for position in run.state["positions"]:  # every patch, so a stopped run keeps the same scale
-            counts[self._box(position)] += 1
+            counts[self._box(position, run.state["window"])] += 1
         run.maps = run.state["sums"] / counts.clamp_min(1)
         run.extra["winners"] = run.state["winners"].view(*run.state["grid"]).tolist()
 

@@ -193,6 +193,9 @@ def _torchvision(name: str, *, weights, num_classes: int | None = None, announce
         raise ModelError(f"torchvision has no model {name!r}{did_you_mean(name, available)}")
     builder = tv_models.get_model_builder(name)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    from .zoo import is_torchvision_video, video_preprocess
+
+    video = is_torchvision_video(name)
     if weights is not False and weights is not None and num_classes is None:
         weight_enum = tv_models.get_model_weights(name).DEFAULT
         if isinstance(weights, (str, os.PathLike)):  # a local file of these weights: no download
@@ -219,9 +222,16 @@ def _torchvision(name: str, *, weights, num_classes: int | None = None, announce
             mean=tuple(getattr(transforms, "mean", Preprocess.mean)),
             std=tuple(getattr(transforms, "std", Preprocess.std)),
         )
+        if video:
+            preprocess = video_preprocess(weight_enum)
     else:
         module = builder(weights=None, **kwargs)
         labels, preprocess = None, Preprocess()
+        if video:  # clips (T, H, W) and Kinetics-400 names from the weights' metadata (no download)
+            weight_enum = tv_models.get_model_weights(name).DEFAULT
+            preprocess = video_preprocess(weight_enum)
+            categories = list((getattr(weight_enum, "meta", {}) or {}).get("categories") or [])
+            labels = categories if num_classes in (None, len(categories)) else None
     module.eval()
     random = announce and (weights is False or weights is None or num_classes is not None)
     model = Model(module, labels=labels, preprocess=preprocess, name=f"torchvision:{name}" + RANDOM_WEIGHTS * random)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,3 +117,37 @@ def load_offered(name: str) -> Model:
             stacklevel=2,
         )
         return load_model(name, weights=False)
+
+
+#: torchvision's video classifiers offered by name (``"torchvision:r3d_18"``): (N, 3, T, H, W) clips.
+VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18", "s3d")
+
+#: The clip length when a weights' documentation does not give its ``clip_len``.
+DEFAULT_CLIP_FRAMES = 16
+
+
+def is_torchvision_video(name: str) -> bool:
+    """Whether ``torchvision:NAME`` is one of torchvision's video classifiers (``torchvision.models.video``)."""
+    try:
+        from torchvision import models as tv_models
+    except Exception:  # not installed, or a torchvision built for another torch
+        return False
+    return name in tv_models.list_models(module=tv_models.video)
+
+
+def video_preprocess(weight_enum) -> Preprocess:
+    """The input spec of a torchvision video classifier from its weights (static metadata, nothing is downloaded):
+    (T, H, W) with H, W the transforms' crop size and T the ``clip_len`` its accuracy was measured at (at least its
+    ``min_temporal_size``), and the transforms' mean and std (Kinetics-400's). As for the image models, the whole
+    frame is resized to (H, W), not cropped, so a map covers the whole frame."""
+    transforms = weight_enum.transforms()
+    meta = getattr(weight_enum, "meta", {}) or {}
+    found = re.search(r"clip_len=(\d+)", str(meta.get("_docs", "")))
+    frames = int(found.group(1)) if found else DEFAULT_CLIP_FRAMES
+    frames = max(frames, int(meta.get("min_temporal_size", 1) or 1))
+    crop = list(getattr(transforms, "crop_size", [112, 112]))
+    return Preprocess(
+        size=(frames, int(crop[0]), int(crop[-1])),
+        mean=tuple(getattr(transforms, "mean", Preprocess.mean)),
+        std=tuple(getattr(transforms, "std", Preprocess.std)),
+    )

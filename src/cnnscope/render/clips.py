@@ -23,8 +23,17 @@ def overlay_frames(
     return [overlay(frames[t], heat[min(steps - 1, int((t + 0.5) * steps / count))], **style) for t in range(count)]
 
 
-def frame_strip(pictures: list[np.ndarray], gap: int = 4, height: int = STRIP_HEIGHT) -> np.ndarray:
-    """The frames side by side, each ``height`` pixels high, on white."""
+def frame_strip(
+    pictures: list[np.ndarray], gap: int = 4, height: int = STRIP_HEIGHT, columns: int | None = None
+) -> np.ndarray:
+    """The frames side by side, each ``height`` pixels high, on white; with ``columns``, in rows of that many
+    frames (a compact tile for a grid of several maps)."""
+    if columns is not None and 0 < columns < len(pictures):
+        rows = [frame_strip(pictures[i : i + columns], gap, height) for i in range(0, len(pictures), columns)]
+        tile = np.full((len(rows) * (height + gap) - gap, rows[0].shape[1], 3), 255, dtype=np.uint8)
+        for index, row in enumerate(rows):
+            tile[index * (height + gap) : index * (height + gap) + height, : row.shape[1]] = row
+        return tile
     resized = []
     for picture in pictures:
         width = max(1, round(picture.shape[1] * height / picture.shape[0]))

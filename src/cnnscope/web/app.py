@@ -180,6 +180,7 @@ def create_app(
             return None, sample
         if file is None:
             raise InputError("no image: send a file in the 'image' field, or a 'sample' name")
+        volume_or_clip(file.filename or "")
         if isinstance(file.file, io.BytesIO):  # read_form keeps uploads in memory
             data = file.file.getvalue()
         else:
@@ -187,6 +188,27 @@ def create_app(
         if len(data) > max_upload_bytes:
             raise UploadTooLarge(f"the upload is over the limit of {max_upload_bytes // 2**20} MiB")
         return data, "upload"
+
+    def pictures_only(chosen: Model) -> None:
+        """The page shows pictures: a model of volumes or clips (3-D input) gets one line pointing at the CLI."""
+        if chosen.preprocess.spatial_dims != 2:
+            raise InputError(
+                f"{chosen.name} takes 3-D inputs (volumes or clips: {'x'.join(map(str, chosen.preprocess.size))}); "
+                "the web page explains pictures only: use cnnscope explain or compare SCAN_OR_CLIP --model ... "
+                "from the command line"
+            )
+
+    def volume_or_clip(filename: str) -> None:
+        """A NIfTI, DICOM or video file sent as the picture: one line pointing at the CLI (an animated GIF is a
+        picture here, its first frame; TIFF and .npy are read as pictures)."""
+        from ..io_volumes import CLIP_SUFFIXES
+
+        lowered = filename.lower()
+        if lowered.endswith((".nii", ".nii.gz", ".dcm", *CLIP_SUFFIXES)) and not lowered.endswith(".gif"):
+            raise InputError(
+                f"'{filename}' is a volume or video file; the web page explains pictures only: use cnnscope "
+                "explain or compare on it from the command line"
+            )
 
     def decode(data: bytes | None, name: str) -> np.ndarray:
         """On the model thread, once admitted: the upload decoded (pixel-limited), or the sample."""
@@ -286,6 +308,7 @@ def create_app(
         def run() -> dict:
             picture = decode(data, name)
             chosen, lock = model_for(chosen_name, multilabel)
+            pictures_only(chosen)
             with lock:
                 predictions = chosen.predict(picture, top_k)[0]
             return {
@@ -354,6 +377,7 @@ def create_app(
             # everything that touches torch stays on the model thread, decoding and rendering included
             picture = decode(data, name)
             chosen, lock = model_for(chosen_name, multilabel)
+            pictures_only(chosen)
             with lock:
                 explainer = cls(chosen, **parsed, **extra)
                 work = explainer.estimated_work(max(1, targets))
