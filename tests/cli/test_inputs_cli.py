@@ -149,6 +149,32 @@ def test_compare_a_volume(capsys, tmp_path):
     assert (tmp_path / "volume" / "scan_compare.png").stat().st_size > 0
 
 
+def test_compare_windows_a_volume_as_explain_does(capsys, tmp_path):
+    """--window on compare: raw values (CT-like, with one outlier voxel that would squash the cube's contrast if the
+    volume were scaled by its own range) are mapped through the window, and the maps equal those of the volume
+    already in [0, 1]."""
+    from tests.unit.test_inputs_volumes import CubeNet, cube_volume
+
+    torch.save(CubeNet().eval(), tmp_path / "cube.pt")
+    volume = cube_volume()
+    np.save(tmp_path / "plain.npy", volume)
+    raw = volume * 2000.0 - 1000.0
+    raw[0, 0, 0] = 30000.0  # clipped by the window
+    np.save(tmp_path / "raw.npy", raw)
+    common = ("--model", str(tmp_path / "cube.pt"), "--trust-pickle", "--size", "16,16,32", "--mean", "0", "--std", "1")
+    common += ("--methods", "gradcam", "-t", "1", "--json")
+    code, out, err = run(capsys, "compare", str(tmp_path / "plain.npy"), *common, "-o", str(tmp_path / "a"))
+    assert code == 0, err
+    plain = json.loads(out)["rows"][0]["maps"][0]
+    code, out, err = run(
+        capsys, "compare", str(tmp_path / "raw.npy"), *common, "--window", "-1000,1000", "-o", str(tmp_path / "b")
+    )
+    assert code == 0, err
+    windowed = json.loads(out)["rows"][0]["maps"][0]
+    assert windowed["peak"] == plain["peak"]
+    assert windowed["probability"] == pytest.approx(plain["probability"], abs=1e-4)
+
+
 def test_compare_a_clip(capsys, tmp_path):
     """A clip's rows are frame strips, with peak [x, y, t] and temporal in the JSON."""
     from cnnscope.render.animate import write_gif

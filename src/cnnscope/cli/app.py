@@ -362,6 +362,7 @@ def compare(
     size: SizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    window: WindowOpt = None,
     option: OptionOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -373,7 +374,7 @@ def compare(
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
         METHODS.get(name)
-    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels, size, mean, std)
+    loaded = _load(model, arch, no_weights, trust_pickle, multilabel, labels, size, mean, std, window)
     stem = image.stem
     if loaded.preprocess.spatial_dims == 3:  # a volume or clip, read as explain reads them
         pictures, stems, _ = _read_inputs(loaded, [image], strict=True)
