@@ -19,12 +19,14 @@ LIGHT = {
     "deeplift-shap": {"references": 2, "blur_sigma": 2},
     "gradient-shap": {"samples": 4, "references": 2, "blur_sigma": 2},
     "kernel-shap": {"samples": 40, "segments": 8},
+    "extremal-perturbation": {"steps": 6, "learning_rate": 0.2},
 }
 #: On the 224x224 default model: a few large patches are enough to check the contract.
 LIGHT_DEFAULT = {
     "occlusion": {"window": 112, "stride": 112},
     "lime": {"samples": 30, "segments": 10},
     "kernel-shap": {"samples": 30, "segments": 10},
+    "extremal-perturbation": {"steps": 2},
 }
 
 

@@ -96,3 +96,59 @@ def test_captums_deeplift_fails_on_functional_or_reused_relus_ours_holds(kind):
     captum_map = theirs.attribute(IMAGES.clone(), baselines=baseline, target=targets).detach()
     captum_gap = (captum_map.flatten(1).sum(dim=1, keepdim=True) - gain).abs().max()
     assert captum_gap > 0.5 * gain.abs().max() and captum_gap > 100 * our_gap
+
+
+class BiasFree(nn.Module):
+    """A bias-free ReLU network (LRP-epsilon conserves the score on it) in the variant ``kind``: ``residual`` adds
+    the first block's output back after the second (``y + x``), ``twice`` runs the second conv module twice, ``elu``
+    has an ELU module instead of the second ReLU."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.conv1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.act2 = nn.ELU() if kind == "elu" else nn.ReLU()
+        self.conv3, self.relu3 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU()
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(8, 4, bias=False)
+
+    def forward(self, x):
+        x = self.relu1(self.conv1(x))
+        y = self.act2(self.conv2(x))
+        if self.kind == "residual":
+            y = y + x
+        if self.kind == "twice":
+            y = self.act2(self.conv2(y))
+        x = self.relu3(self.conv3(self.pool(y)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", ["residual", "twice", "elu"])
+def test_captums_lrp_loses_conservation_or_refuses_where_ours_conserves(kind):
+    """Captum's LRP needs every residual add rewritten as a module: with a plain ``y + x`` the relevance is not
+    split between the two terms, and the map sums to about 17% more than the logit here. It refuses a module
+    called twice and any module without a rule (an ELU). Ours splits an add's relevance in proportion to its
+    terms, takes a module call by call and passes the relevance through an ELU, and sums to the logit within
+    1e-3 (relative) on all three.
+    (On a functional relu or a ReLU module called twice Captum's LRP-epsilon keeps conservation: its ReLUs pass
+    relevance through, as ours do, unlike its DeepLift above.)"""
+    net = BiasFree(kind).eval()
+    targets = targets_of(net)
+    with torch.no_grad():
+        logit = net(IMAGES).gather(1, targets.view(-1, 1))[:, 0]
+    ours = cnnscope.get_method("lrp")(wrap(net), composite="epsilon", epsilon=1e-9)(IMAGES, targets.view(-1, 1))
+    torch.testing.assert_close(ours.raw[:, 0].flatten(1).sum(dim=1), logit, rtol=1e-3, atol=0.0)
+    theirs = captum_attr.LRP(BiasFree(kind).eval())
+    if kind == "twice":
+        with pytest.raises(RuntimeError, match="used more than once"):
+            theirs.attribute(IMAGES.clone(), target=targets)
+        return
+    if kind == "elu":
+        with pytest.raises(TypeError, match="has no rule defined"):
+            theirs.attribute(IMAGES.clone(), target=targets)
+        return
+    captum_sum = theirs.attribute(IMAGES.clone(), target=targets).detach().flatten(1).sum(dim=1)
+    assert float(((captum_sum - logit) / logit).abs().min()) > 0.05  # every image off by more than 5%

@@ -171,3 +171,61 @@ def test_scorecam_skips_constant_channels_without_changing_the_result(setup):
     assert explanation.stats["forwards"] == 1 + 2 * 4 - constant + sum(
         int((activations[b].flatten(1).amax(1) == activations[b].flatten(1).amin(1)).any()) for b in range(2)
     )
+
+
+@pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
+def test_shapleycam_of_a_logit_after_a_linear_tail_is_gradcam(setup):
+    """After GAP + linear the logit's Hessian w.r.t. the activation is 0, so ShapleyCAM's weights are Grad-CAM's."""
+    model, images, _, _ = setup
+    shapley = cnnscope.get_method("shapleycam")(model, layer="act")(images, [0, 2])
+    grad = cnnscope.get_method("gradcam")(model, layer="act")(images, [0, 2])
+    torch.testing.assert_close(shapley.raw, grad.raw, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
+def test_shapleycam_of_the_rest_score_takes_half_the_hessian_vector_product(setup):
+    """ReST = 2 y_c - logsumexp(y) with y = W mean(A) + b. In terms of m = mean(A): the gradient is 2 W_c - W^T p and
+    the Hessian -W^T (diag p - p p^T) W; per position of A both are divided by the area, and H A = Hessian_m m / area.
+    So weight = (2 W_c - W^T p + 1/2 W^T (diag p - p p^T) W m) / area, by hand."""
+    model, images, activations, weight = setup
+    explanation = cnnscope.get_method("shapleycam")(model, layer="act", score="rest", relu=False)(images, [0, 1, 2])
+    area = activations.shape[-1] * activations.shape[-2]
+    bias = model.module.fc.bias.detach()
+    for b in range(2):
+        m = activations[b].mean(dim=(1, 2)).double()
+        w = weight.double()
+        p = torch.softmax(w @ m + bias.double(), dim=0)
+        hessian = -w.T @ (torch.diag(p) - torch.outer(p, p)) @ w
+        for k, c in enumerate([0, 1, 2]):
+            channel_weights = (2 * w[c] - w.T @ p - 0.5 * hessian @ m) / area
+            expected = (channel_weights[:, None, None] * activations[b].double()).sum(0).float()
+            torch.testing.assert_close(explanation.raw[b, k], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
+def test_shapleycam_differs_from_gradcam_of_the_same_score_by_the_hessian_term(setup):
+    model, images, _, _ = setup
+
+    def rest(logits):
+        return 2 * logits[:, 1] - torch.logsumexp(logits, dim=1)
+
+    shapley = cnnscope.get_method("shapleycam")(model, layer="act", score="rest", relu=False)(images, [1])
+    first_order = cnnscope.get_method("gradcam")(model, layer="act", relu=False)(images, rest)
+    assert float((shapley.raw - first_order.raw).abs().max()) > 1e-3 * float(first_order.raw.abs().max())
+
+
+@pytest.mark.filterwarnings("ignore::cnnscope.CnnscopeWarning")
+@pytest.mark.parametrize(("name", "options"), [("shapleycam", {"score": "rest"}), ("finercam", {"compared": 2})])
+def test_variants_with_a_score_of_their_own_keep_it_at_several_layers(name, options):
+    """explain_layers runs FinerCAM's and ShapleyCAM's own score at each layer, not plain Grad-CAM's."""
+    from cnnscope.testing import tiny_model
+
+    model = tiny_model()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    method = cnnscope.get_method(name)(model, relu=False, aug_smooth=True, **options)
+    by_layer = method.explain_layers(images, ["conv2", "conv3"], [1])
+    for layer in ("conv2", "conv3"):
+        alone = cnnscope.get_method(name)(model, layer=layer, relu=False, aug_smooth=True, **options)(images, [1])
+        torch.testing.assert_close(by_layer[layer].raw, alone.raw)
+        gradcam = cnnscope.get_method("gradcam")(model, layer=layer, relu=False, aug_smooth=True)(images, [1])
+        assert float((alone.raw - gradcam.raw).abs().max()) > 1e-4 * float(gradcam.raw.abs().max())

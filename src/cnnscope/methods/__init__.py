@@ -9,6 +9,7 @@ from .cam import (
     EigenCAM,
     EigenGradCAM,
     FinerCAM,
+    FullGrad,
     GradCAM,
     GradCAMElementWise,
     GradCAMPlusPlus,
@@ -16,8 +17,10 @@ from .cam import (
     HiResCAM,
     LayerCAM,
     ScoreCAM,
+    ShapleyCAM,
     XGradCAM,
 )
+from .extremal import ExtremalPerturbation
 from .gradient import Deconvnet, GradientXInput, GuidedBackprop, IntegratedGradients, Saliency
 from .perturbation import LIME, RISE, Occlusion, PatchScoring
 from .propagation import LRP, DeepLift, ExcitationBackprop
@@ -38,7 +41,9 @@ __all__ = [
     "EigenCAM",
     "EigenGradCAM",
     "ExcitationBackprop",
+    "ExtremalPerturbation",
     "FinerCAM",
+    "FullGrad",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
@@ -55,6 +60,7 @@ __all__ = [
     "PatchScoring",
     "Saliency",
     "ScoreCAM",
+    "ShapleyCAM",
     "SmoothGrad",
     "XGradCAM",
     "get_method",

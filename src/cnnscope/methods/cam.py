@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import MethodError
 from ..hooks import LayerRef, capture
@@ -33,7 +34,7 @@ from ..models.labels import short_name
 from ..options import Options, choice, flag, integer, number
 from ..progress import check_cancelled
 from .base import INPUTS_PER_PASS, MAX_NOTES, Computed, Method, auto_images_per_pass, register_method
-from .gradient import REDUCE
+from .gradient import REDUCE, picked_scores
 
 #: Memory for one chunk of per-target gradients; more targets than fit are done in several chunks.
 #: 32 MiB measured fastest on the default model (all 1,000 classes: 1000 > 128 > 32 > 8 per chunk).
@@ -43,6 +44,21 @@ ANALYTIC_MIN_TARGETS = 3
 
 RELU = flag(True, "clip negative map values (the paper's ReLU); false keeps the signed sum")
 COUNTERFACTUAL = flag(False, "negate the gradients: the regions whose removal would raise the score")
+#: The two smoothing options every CAM method takes, with pytorch-grad-cam's meaning (see :class:`CAMBase`).
+SMOOTHING = Options(
+    aug_smooth=flag(
+        False,
+        "average the map over horizontal flips and brightness changes (model input x0.9, x1, x1.1), "
+        "each map flipped back first: 6 passes (pytorch-grad-cam's aug_smooth)",
+    ),
+    eigen_smooth=flag(
+        False,
+        "the first principal component of the weighted activations instead of their sum, its sign agreeing "
+        "with the sum (pytorch-grad-cam's eigen_smooth)",
+    ),
+)
+#: aug_smooth's augmentations, as pytorch-grad-cam's default test-time augmentation: (flip, brightness factor).
+AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
 
 
 @dataclass
@@ -59,6 +75,8 @@ class LayerRun:
     logits: torch.Tensor
     output: torch.Tensor
     forwards: int = 0
+    #: (B, K, C, h, w) Hessian-vector products H A of each target's score (ShapleyCAM), or None
+    hessian_products: torch.Tensor | None = None
 
     def scores(self, inputs: torch.Tensor) -> torch.Tensor:
         """The model's raw outputs for ``inputs`` (one forward pass, no gradients)."""
@@ -99,14 +117,25 @@ class CAMBase(Method):
 
     Class attributes a variant may set: ``needs_gradients`` (False: ``gradients`` is None and no
     backward pass runs), ``centred`` (True: the weights multiply the activations minus their spatial
-    mean per channel, as a principal-component projection does)."""
+    mean per channel, as a principal-component projection does).
+
+    Two options every variant takes (pytorch-grad-cam's): ``eigen_smooth`` replaces the sum over channels of
+    the weighted activations w[c] A[c] by their first principal component (the (h*w, C) matrix centred per
+    channel, projected on its first right singular vector), its sign chosen so that it correlates positively
+    with the sum; ``aug_smooth`` averages the maps of six versions of the input (as is, flipped left-right,
+    each times 0.9, 1 and 1.1: pytorch-grad-cam multiplies the model input too), each flipped back first.
+    The targets are resolved once, on the image as given. Unlike pytorch-grad-cam, which scales each
+    augmented map to [0, 1] before averaging, the raw maps are averaged, so ``raw`` keeps its scale."""
 
     uses_layer: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = True
     centred: ClassVar[bool] = False
+    #: True where the map is already the first principal component of the weighted activations (Eigen-CAM,
+    #: Eigen-Grad-CAM), so that ``eigen_smooth`` leaves it as it is
+    principal_component: ClassVar[bool] = False
     #: whether the variant may run the model once per channel of the layer (for the work estimate)
     passes_per_channel: ClassVar[bool] = False
-    options: ClassVar[Options] = Options(relu=RELU, counterfactual=COUNTERFACTUAL)
+    options: ClassVar[Options] = Options(relu=RELU, counterfactual=COUNTERFACTUAL) | SMOOTHING
 
     def weights(
         self, activations: torch.Tensor, gradients: torch.Tensor | None, targets: torch.Tensor, run: LayerRun
@@ -121,16 +150,28 @@ class CAMBase(Method):
     def estimated_work(self, targets: int = 1) -> int:
         # gradient-free variants that run the model once per channel (Score-CAM, Ablation-CAM off a linear
         # tail) cost up to one pass per channel of the layer
+        passes = len(AUGMENTATIONS) if self.config.get("aug_smooth") else 1
         if not self.passes_per_channel:
-            return 1 + (targets if self.needs_gradients else 0)
+            return passes * (1 + (targets if self.needs_gradients else 0))
         layout = self.layer.layout
-        return 1 + self.layer.output_shape[layout.channel_axis(len(self.layer.output_shape))]
+        return passes * (1 + self.layer.output_shape[layout.channel_axis(len(self.layer.output_shape))])
 
     def check_head(self, activations: torch.Tensor, logits: torch.Tensor) -> None:
         """For variants that only apply to some heads (CAM): raise ``MethodError`` saying why."""
 
     def compute(self, batch: torch.Tensor, resolve) -> Computed:
+        key = self.layer.key
+        return self._smoothed(batch, resolve, lambda b, r: {key: self._compute(b, r)})[key]
+
+    def _compute(self, batch: torch.Tensor, resolve) -> Computed:
+        """The maps of one pass of ``batch`` (before ``aug_smooth``); variants with their own score override this."""
         return self._compute_layers([self.layer], batch, resolve)[self.layer.key]
+
+    def _smoothed(self, batch: torch.Tensor, resolve, compute_many) -> dict[str, Computed]:
+        """``compute_many(batch, resolve)`` -> {layer: Computed}, averaged over ``AUGMENTATIONS`` (``aug_smooth``)."""
+        if not self.config.get("aug_smooth"):
+            return compute_many(batch, resolve)
+        return augmentation_average(batch, resolve, compute_many, self._empty_map_notes)
 
     def _compute_layers(self, refs: list[LayerRef], batch: torch.Tensor, resolve) -> dict[str, Computed]:
         """One forward pass for all ``refs``; gradient variants also share one backward call per chunk of
@@ -206,7 +247,11 @@ class CAMBase(Method):
         if self.centred:
             view = view - view.flatten(2).mean(dim=-1).view(*view.shape[:2], *([1] * (view.ndim - 2)))
         weights = weights.to(view.dtype)
-        if weights.ndim == 3:  # (B, k, C) @ (B, C, h*w): one batched matrix product
+        if self.config.get("eigen_smooth") and not self.principal_component:
+            if weights.ndim == 3:
+                weights = weights.view(*weights.shape, *([1] * (view.ndim - 2)))
+            maps = first_component(weights * view.unsqueeze(1))
+        elif weights.ndim == 3:  # (B, k, C) @ (B, C, h*w): one batched matrix product
             maps = torch.bmm(weights, view.flatten(2)).view(*weights.shape[:2], *view.shape[2:])
         else:
             maps = (weights * view.unsqueeze(1)).sum(dim=2)
@@ -237,8 +282,19 @@ class CAMBase(Method):
                     f"{self.name} needs layers with map or patch-token outputs; {ref.key!r} outputs {ref.output_shape}"
                 )
 
+        if type(self)._compute is CAMBase._compute:
+
+            def plain(batch, resolve):
+                return self._compute_layers(refs, batch, resolve)
+
+        else:  # a variant with a score of its own (FinerCAM, ShapleyCAM): one of it per layer
+            per_layer = [type(self)(self.model, layer=ref, **self.config) for ref in refs]
+
+            def plain(batch, resolve):
+                return {ref.key: method._compute(batch, resolve) for ref, method in zip(refs, per_layer, strict=True)}
+
         def compute_many(batch, resolve):
-            return self._compute_layers(refs, batch, resolve)
+            return self._smoothed(batch, resolve, plain)
 
         return self._run(images, target, threshold, names, images_per_pass, compute_many)
 
@@ -261,6 +317,44 @@ class CAMBase(Method):
         if len(found) > MAX_NOTES:
             notes.append((found[MAX_NOTES][0], f"... and {len(found) - MAX_NOTES} more empty {self.name} maps"))
         return notes
+
+
+def first_component(weighted: torch.Tensor) -> torch.Tensor:
+    """(B, K, C, *spatial) weighted activations -> (B, K, *spatial): per (image, target) the (positions, C) matrix
+    centred per channel, projected on its first right singular vector; the sign is chosen so that the projection
+    correlates positively with the sum over channels (a singular vector's sign is arbitrary)."""
+    matrix = weighted.flatten(3).transpose(2, 3).double()  # (B, K, positions, C)
+    centred = matrix - matrix.mean(dim=2, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    projection = (centred @ vh[..., 0, :].unsqueeze(-1)).squeeze(-1)  # (B, K, positions)
+    summed = matrix.sum(dim=3)
+    agreement = ((projection - projection.mean(-1, True)) * (summed - summed.mean(-1, True))).sum(-1)
+    sign = torch.where(agreement < 0, -1.0, 1.0).to(projection.dtype).unsqueeze(-1)
+    return (projection * sign).to(weighted.dtype).view(*weighted.shape[:2], *weighted.shape[3:])
+
+
+def augmentation_average(batch: torch.Tensor, resolve, compute_many, notes_of) -> dict[str, Computed]:
+    """pytorch-grad-cam's ``aug_smooth``: ``compute_many(inputs, resolve)`` -> {key: Computed} on the batch as
+    given (which resolves the targets) and on its five other versions in ``AUGMENTATIONS`` (for the same
+    targets), each map flipped back, then the raw maps averaged; ``notes_of(maps, targets, key)`` gives the
+    notes of the averaged maps. Reports the first pass's logits and every pass's forwards and backwards."""
+    results = compute_many(batch, resolve)
+    targets = next(iter(results.values())).targets
+    totals = {key: part.raw.clone() for key, part in results.items()}
+    for flip, factor in AUGMENTATIONS:
+        if not flip and factor == 1.0:
+            continue
+        augmented = batch * factor
+        if flip:
+            augmented = augmented.flip(-1)
+        for key, part in compute_many(augmented, lambda _logits: targets).items():
+            totals[key] += part.raw.flip(-1) if flip else part.raw
+            results[key].forwards += part.forwards
+            results[key].backwards += part.backwards
+    for key, part in results.items():
+        part.raw = totals[key] / len(AUGMENTATIONS)
+        part.notes = notes_of(part.raw, targets, key)
+    return results
 
 
 def _negated(gradients: torch.Tensor) -> torch.Tensor:
@@ -402,7 +496,9 @@ class CAM(CAMBase):
 
     summary = "class activation map for global-average-pool + linear heads (Zhou et al. 2016)"
     needs_gradients = False
-    options: ClassVar[Options] = Options(relu=flag(False, "clip negative map values; the paper keeps the sign"))
+    options: ClassVar[Options] = CAMBase.options.without("counterfactual") | Options(
+        relu=flag(False, "clip negative map values; the paper keeps the sign")
+    )
 
     def __init__(self, model="efficientnet_lite0", *, layer=None, **options) -> None:
         super().__init__(model, layer=layer, **options)
@@ -502,13 +598,15 @@ class EigenCAM(CAMBase):
     same map. The singular vector's sign is arbitrary; it is chosen so that the map correlates
     positively with the activation energy sum_c A[c]^2 per position (pytorch-grad-cam leaves it to
     chance). The energy, not the plain sum, because after a LayerNorm the sum over channels is nearly
-    constant and its correlation's sign is rounding noise (it differed between two CPUs here)."""
+    constant and its correlation's sign is rounding noise (it differed between two CPUs here).
+    ``eigen_smooth`` leaves it as it is: it is already the first principal component (as in pytorch-grad-cam)."""
 
     summary = "first principal component of a layer's activations, class-agnostic (Muhammad & Yeasin 2020)"
     needs_gradients = False
     centred = True
     class_specific = False
-    options: ClassVar[Options] = Options(relu=RELU)
+    principal_component = True
+    options: ClassVar[Options] = CAMBase.options.without("counterfactual")
 
     def weights(self, activations, gradients, targets, run):
         matrix = activations.flatten(2).transpose(1, 2).double()  # (B, hw, C)
@@ -547,7 +645,7 @@ class ScoreCAM(CAMBase):
     summary = "channels as input masks, weighted by the masked score (Wang et al. 2020)"
     needs_gradients = False
     passes_per_channel = True
-    options: ClassVar[Options] = Options(relu=RELU, inputs_per_pass=INPUTS_PER_PASS)
+    options: ClassVar[Options] = CAMBase.options.without("counterfactual") | Options(inputs_per_pass=INPUTS_PER_PASS)
 
     def weights(self, activations, gradients, targets, run):
         batch, channels = activations.shape[:2]
@@ -591,8 +689,8 @@ class AblationCAM(CAMBase):
     summary = "channel weights from the score drop when each channel is zeroed (Desai & Ramaswamy 2020)"
     needs_gradients = False
     passes_per_channel = True
-    options: ClassVar[Options] = Options(
-        relu=RELU, inputs_per_pass=integer(256, "ablated copies of the layer per forward pass", low=1, high=4096)
+    options: ClassVar[Options] = CAMBase.options.without("counterfactual") | Options(
+        inputs_per_pass=integer(256, "ablated copies of the layer per forward pass", low=1, high=4096)
     )
 
     def weights(self, activations, gradients, targets, run):
@@ -692,19 +790,14 @@ class EigenGradCAM(CAMBase):
     """Eigen-Grad-CAM (pytorch-grad-cam's ``EigenGradCAM``): the (h*w, C) matrix of gradient x activation,
     centred per channel, projected on its first right singular vector, per target. The singular vector's sign
     is fixed so that the map correlates positively with sum_c g A (HiResCAM's map; pytorch-grad-cam leaves it
-    to chance). The override returns the projected map itself, not channel weights."""
+    to chance). The override returns the projected map itself, not channel weights. It is HiResCAM with
+    ``eigen_smooth``; ``eigen_smooth`` leaves it as it is (as in pytorch-grad-cam)."""
 
     summary = "first principal component of gradient x activation (pytorch-grad-cam's Eigen-Grad-CAM)"
+    principal_component = True
 
     def weights(self, activations, gradients, targets, run):
-        product = (gradients * activations.unsqueeze(1)).flatten(3).transpose(2, 3).double()  # (B, K, hw, C)
-        centred = product - product.mean(dim=2, keepdim=True)
-        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-        projection = (centred @ vh[..., 0, :].unsqueeze(-1)).squeeze(-1)  # (B, K, hw)
-        evidence = product.sum(dim=3)
-        agreement = ((projection - projection.mean(-1, True)) * (evidence - evidence.mean(-1, True))).sum(-1)
-        sign = torch.where(agreement < 0, -1.0, 1.0).to(projection.dtype).unsqueeze(-1)
-        return (projection * sign).view(*gradients.shape[:2], *activations.shape[2:])
+        return first_component(gradients * activations.unsqueeze(1))
 
     def _combine(self, weights, view, targets):
         maps = weights.to(view.dtype)  # the maps themselves (see weights)
@@ -733,7 +826,7 @@ class FinerCAM(CAMBase):
     def weights(self, activations, gradients, targets, run):
         return spatial_mean(gradients)
 
-    def compute(self, batch, resolve):
+    def _compute(self, batch, resolve):
         with capture(self.model.module, [self.layer]) as record, torch.inference_mode(False), torch.enable_grad():
             logits = self.model(batch)
             output = record[self.layer.key]
@@ -768,3 +861,266 @@ class FinerCAM(CAMBase):
             backwards=targets.shape[1],
             notes=self._empty_map_notes(maps, targets, self.layer.key),
         )
+
+
+SCORES = ("logit", "rest")
+
+
+@register_method("shapleycam")
+class ShapleyCAM(CAMBase):
+    """ShapleyCAM (Cai et al. 2024, "CAMs as Shapley value-based explainers"; pytorch-grad-cam's ``ShapleyCAM``):
+    a second-order estimate of each channel's Shapley value gives the weights
+
+        weight[c] = mean_{i,j} (g - 1/2 H A)[c, i, j],   map = ReLU(sum_c weight[c] A[c])
+
+    with g the gradient of the score w.r.t. the layer's activation A and H A the Hessian of the score w.r.t. A
+    times A (a Hessian-vector product: the gradient of g . A with A held fixed, as pytorch-grad-cam computes it).
+    ``score="logit"`` explains the target's logit: after a layer followed only by ReLUs, pooling and linear
+    layers H A is 0 and the map is Grad-CAM's. ``score="rest"`` explains the paper's ReST score, the logit
+    minus the cross-entropy, y_c - (logsumexp(y) - y_c) (pytorch-grad-cam's ``ClassifierOutputReST``), whose
+    Hessian is not 0. Costs one forward pass and two backward passes per target."""
+
+    summary = "Grad-CAM weights from gradient - 1/2 Hessian-vector product (ShapleyCAM, Cai et al. 2024)"
+    options: ClassVar[Options] = CAMBase.options | Options(
+        score=choice(
+            "logit",
+            SCORES,
+            "what is explained: the target's logit, or the paper's ReST score (logit minus cross-entropy)",
+        )
+    )
+
+    def estimated_work(self, targets: int = 1) -> int:
+        return (len(AUGMENTATIONS) if self.config.get("aug_smooth") else 1) * (1 + 2 * targets)
+
+    def weights(self, activations, gradients, targets, run):
+        if run.hessian_products is None:
+            raise MethodError("shapleycam needs the Hessian-vector products of its own compute step")
+        return spatial_mean(gradients - 0.5 * run.hessian_products)
+
+    def _compute(self, batch, resolve):
+        with capture(self.model.module, [self.layer]) as record, torch.inference_mode(False), torch.enable_grad():
+            logits = self.model(batch)
+            output = record[self.layer.key]
+        if not output.requires_grad:
+            raise MethodError(
+                "the layer's activation is not connected to the output by autograd; "
+                "is the model's forward wrapped in torch.no_grad()?"
+            )
+        targets = resolve(logits.detach())
+        safe = targets.clamp_min(0)
+        with torch.inference_mode(False), torch.enable_grad():
+            scores = logits.gather(1, safe)
+            if self.config["score"] == "rest":
+                scores = 2 * scores - torch.logsumexp(logits, dim=1, keepdim=True)
+            scores = scores * (targets >= 0).to(scores.dtype)
+            if self.config.get("counterfactual"):
+                scores = -scores
+            grads, products = [], []
+            for k in range(targets.shape[1]):
+                last = k == targets.shape[1] - 1
+                (grad,) = torch.autograd.grad(scores[:, k].sum(), output, create_graph=True)
+                product = None
+                if grad.requires_grad:  # else the score is linear in the activation: H A = 0
+                    (product,) = torch.autograd.grad(
+                        grad, output, grad_outputs=output.detach(), retain_graph=not last, allow_unused=True
+                    )
+                grads.append(grad.detach())
+                products.append(torch.zeros_like(output) if product is None else product.detach())
+        layout = self.layer.layout
+
+        def per_target(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return layout.to_map(torch.stack(tensors, dim=1).flatten(0, 1)).unflatten(0, targets.shape)
+
+        view = layout.to_map(output.detach())
+        run = LayerRun(
+            self.model, self.layer, batch, logits.detach(), output.detach(), hessian_products=per_target(products)
+        )
+        maps = self._combine(self.weights(view, per_target(grads), targets, run), view, targets)
+        return Computed(
+            raw=maps,
+            logits=logits.detach(),
+            targets=targets,
+            forwards=record.forwards,
+            backwards=2 * targets.shape[1],
+            notes=self._empty_map_notes(maps, targets, self.layer.key),
+        )
+
+
+#: The calls whose bias FullGrad takes: convolutions (their ``bias`` argument) and batch norms (the implicit bias
+#: beta - mean * gamma / sqrt(var + eps)); linear layers' biases only enter the completeness sum (no map).
+BIASED_CONVOLUTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d}
+BIASED_CONVOLUTIONS |= {torch.conv_transpose3d}
+SCALINGS = ("layer", "channel")
+
+
+def _call_argument(args: tuple, kwargs: dict, index: int, name: str, default=None):
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _batch_norm_bias(args: tuple, kwargs: dict, inputs: torch.Tensor) -> torch.Tensor:
+    """The implicit bias of an ``F.batch_norm`` call, per channel: beta - mean * gamma / sqrt(var + eps), with the
+    statistics the call uses (running ones in eval mode, else the batch's)."""
+    mean = _call_argument(args, kwargs, 1, "running_mean")
+    var = _call_argument(args, kwargs, 2, "running_var")
+    gamma = _call_argument(args, kwargs, 3, "weight")
+    beta = _call_argument(args, kwargs, 4, "bias")
+    training = bool(_call_argument(args, kwargs, 5, "training", False))
+    eps = float(_call_argument(args, kwargs, 7, "eps", 1e-5))
+    if training or mean is None or var is None:
+        dims = [d for d in range(inputs.ndim) if d != 1]
+        mean = inputs.detach().mean(dim=dims)
+        var = inputs.detach().var(dim=dims, unbiased=False)
+    scale = torch.rsqrt(var.detach() + eps)
+    if gamma is not None:
+        scale = scale * gamma.detach()
+    bias = -mean.detach() * scale
+    return bias if beta is None else bias + beta.detach()
+
+
+class _BiasGradientRecorder(TorchFunctionMode):
+    """Inside the block, every convolution with a bias, batch norm and linear call on a tensor that carries
+    gradients gets a zero tensor added to its output, kept with the call's bias: the gradient w.r.t. that zero is
+    the gradient w.r.t. the call's output (before any in-place activation after it), so bias x gradient is the
+    call's bias-gradient. Calls are seen whether they come from modules or functional code, and a module called
+    twice is two calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (zero added to the output, (C,) bias)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func not in BIASED_CONVOLUTIONS and func is not F.batch_norm and func is not F.linear:
+            return out
+        inputs = _call_argument(args, kwargs, 0, "input")
+        if not (isinstance(out, torch.Tensor) and isinstance(inputs, torch.Tensor) and inputs.requires_grad):
+            return out
+        if func is F.batch_norm:
+            bias = _batch_norm_bias(args, kwargs, inputs)
+        else:
+            bias = _call_argument(args, kwargs, 2, "bias")
+        if bias is None:
+            return out
+        zero = torch.zeros_like(out, requires_grad=True)
+        self.calls.append((zero, bias.detach()))
+        return out + zero
+
+
+def _scaled(values: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """FullGrad's post-processing of (N, C, *spatial) gradients: |values| shifted and scaled to [0, 1] per item
+    (over channels and space: the paper's code) or per channel (pytorch-grad-cam's), constant ones to 0."""
+    magnitude = values.abs()
+    flat = magnitude.flatten(2) if per_channel else magnitude.flatten(1)
+    extent = (*flat.shape[:-1], *([1] * (values.ndim - flat.ndim + 1)))
+    low = flat.amin(dim=-1).view(extent)
+    span = flat.amax(dim=-1).view(extent) - low
+    return torch.where(span > 0, (magnitude - low) / torch.where(span > 0, span, 1.0), 0.0)
+
+
+@register_method("fullgrad")
+class FullGrad(Method):
+    """FullGrad (Srinivas & Fleuret 2019): the input gradient plus the bias-gradients of every convolution and
+    batch norm,
+
+        map = sum_c psi(|x * dy/dx|)_c + sum_layers sum_c upsample(psi(|b * dy/dz|))_c
+
+    where z is a layer's output, b its bias (BatchNorm's implicit bias beta - mean * gamma / sqrt(var + eps)),
+    and psi shifts and scales to [0, 1]. ``scaling="layer"`` is the paper's code (psi over all channels of a
+    layer, bilinear upsampling with aligned corners); ``scaling="channel"`` is pytorch-grad-cam's ``FullGrad``
+    (psi per channel, half-pixel bilinear upsampling as its ``cv2.resize``). Unlike pytorch-grad-cam, which
+    takes only ``nn.Conv2d``/``nn.BatchNorm2d`` modules, every convolution and batch norm call counts
+    (functional ones, a module called twice), and raw keeps the sum's scale (no final [0, 1] scaling).
+
+    No target layer: the map is at input resolution. One forward pass, one backward pass per target. On a
+    piecewise-linear network the full-gradient decomposition is complete: sum(x * dy/dx) + the sum of every
+    bias-gradient (linear layers' too) equals the logit; ``stats["completeness_gap"]`` has the difference
+    per image and target (not 0 where a ReLU6 saturates or a smooth activation runs)."""
+
+    summary = "input gradient plus every conv/BatchNorm bias-gradient (FullGrad, Srinivas & Fleuret 2019)"
+    options: ClassVar[Options] = Options(
+        scaling=choice(
+            "layer",
+            SCALINGS,
+            "how each |bias x gradient| is scaled to [0, 1]: per layer (the paper) or per channel (pytorch-grad-cam)",
+        ),
+        aug_smooth=SMOOTHING["aug_smooth"],
+    )
+
+    def __init__(self, model="efficientnet_lite0", *, layer=None, **options) -> None:
+        if layer is not None:
+            raise MethodError(
+                "fullgrad takes no layer: it sums the input gradient and the bias-gradients of every convolution "
+                "and batch norm; leave layer out"
+            )
+        super().__init__(model, **options)
+
+    def estimated_work(self, targets: int = 1) -> int:
+        return (len(AUGMENTATIONS) if self.config["aug_smooth"] else 1) * (1 + targets)
+
+    def compute(self, batch, resolve):
+        if not self.config["aug_smooth"]:
+            return self._compute(batch, resolve)
+        results = augmentation_average(batch, resolve, lambda b, r: {None: self._compute(b, r)}, lambda *_: [])
+        computed = results[None]
+        computed.extra = {}  # the completeness gaps of six inputs do not describe their average
+        return computed
+
+    def _compute(self, batch: torch.Tensor, resolve) -> Computed:
+        if any(isinstance(sub, torch.jit.ScriptModule) for sub in self.model.module.modules()):
+            raise MethodError(
+                "fullgrad cannot see the convolutions inside this model's TorchScript code, so its map would miss "
+                "their bias-gradients; give the model as an eager nn.Module or an ONNX export"
+            )
+        inputs = batch.detach().clone().requires_grad_(True)
+        recorder = _BiasGradientRecorder()
+        with torch.inference_mode(False), torch.enable_grad():
+            with recorder:
+                logits = self.model(inputs)
+            if not logits.requires_grad:
+                raise MethodError(
+                    "this model's outputs carry no gradients (a black-box function, or a forward under no_grad); "
+                    "use a perturbation method: occlusion or rise"
+                )
+            targets = resolve(logits.detach())
+            zeros = [zero for zero, _ in recorder.calls]
+            k_total = targets.shape[1]
+            maps, gaps = [], []
+            for k in range(k_total):
+                score = picked_scores(logits, targets, k)
+                grads = torch.autograd.grad(score, [inputs, *zeros], retain_graph=k < k_total - 1, allow_unused=True)
+                map_k, total = self._postprocess(inputs.detach(), grads[0], grads[1:], recorder.calls)
+                present = (targets[:, k] >= 0).to(map_k.dtype)
+                maps.append(map_k * present.view(-1, *([1] * (map_k.ndim - 1))))
+                column = targets[:, k : k + 1].clamp_min(0)
+                gaps.append(torch.where(targets[:, k] >= 0, total - logits.detach().gather(1, column)[:, 0], 0.0))
+        gap = torch.stack(gaps, dim=1)
+        return Computed(
+            raw=torch.stack(maps, dim=1),
+            logits=logits.detach(),
+            targets=targets,
+            forwards=1,
+            backwards=k_total,
+            extra={"completeness_gap": [[float(v) for v in row] for row in gap]},
+        )
+
+    def _postprocess(self, inputs, input_grad, layer_grads, calls) -> tuple[torch.Tensor, torch.Tensor]:
+        """One target's (B, *spatial) map and (B,) full-gradient sum."""
+        per_channel = self.config["scaling"] == "channel"
+        spatial = tuple(inputs.shape[2:])
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(spatial)]
+        product = input_grad * inputs
+        total = product.flatten(1).sum(dim=1)
+        result = _scaled(product, per_channel).sum(dim=1)
+        for grad, (_, bias) in zip(layer_grads, calls, strict=True):
+            if grad is None:
+                continue
+            bias_gradient = grad * bias.to(grad.dtype).view(1, -1, *([1] * (grad.ndim - 2)))
+            total = total + bias_gradient.flatten(1).sum(dim=1)
+            if grad.ndim != inputs.ndim:  # a linear layer, or a 1-D convolution of a picture: no map
+                continue
+            layer_map = _scaled(bias_gradient, per_channel).sum(dim=1, keepdim=True)
+            if tuple(layer_map.shape[2:]) != spatial:
+                layer_map = F.interpolate(layer_map, size=spatial, mode=mode, align_corners=not per_channel)
+            result = result + layer_map[:, 0]
+        return result, total
