@@ -218,8 +218,10 @@ class SmoothMask:
         return 16 * candidates * math.prod(spatial)
 
     def __call__(self, parameters: torch.Tensor) -> torch.Tensor:
-        padded = F.pad(parameters[:, 0], [self.radius] * (2 * len(self.spatial)))
-        values = padded.flatten(1)[:, self.index]  # (R, candidates, *grid): each cell's candidates
+        padded = F.pad(parameters[:, 0], [self.radius] * (2 * len(self.spatial))).flatten(1)
+        # (R, candidates, *grid): each cell's candidates. index_select, not advanced indexing: the latter's backward
+        # (an accumulating index_put) summed in a thread-dependent order on 2 CPU threads, so two runs differed
+        values = padded.index_select(1, self.index.flatten()).view(padded.shape[0], *self.index.shape)
         for d, n in enumerate(self.spatial):  # repeated over the cell's pixels, cropped to the input
             values = values.repeat_interleave(self.step, dim=2 + d).narrow(2 + d, 0, n)
         values = values * self.weights  # (R, candidates, *spatial)
