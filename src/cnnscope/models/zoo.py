@@ -132,7 +132,10 @@ def is_torchvision_video(name: str) -> bool:
         from torchvision import models as tv_models
     except Exception:  # not installed, or a torchvision built for another torch
         return False
-    return name in tv_models.list_models(module=tv_models.video)
+    video, list_models = getattr(tv_models, "video", None), getattr(tv_models, "list_models", None)
+    if video is None or list_models is None:  # a torchvision too old (or too partial) to have video classifiers
+        return False
+    return name in list_models(module=video)
 
 
 def video_preprocess(weight_enum) -> Preprocess:
