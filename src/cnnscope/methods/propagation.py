@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from ..errors import CnnscopeWarning, MethodError
 from ..options import Options, anything, choice, flag, number
@@ -108,13 +107,30 @@ COMPOSITES = {
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
     """z + epsilon * sign(z), with sign(0) = +1 (Zennit's stabilizer)."""
-    return torch.where(z >= 0, z + epsilon, z - epsilon)
+    return torch.where(z >= 0, epsilon, -epsilon).to(z.dtype).add_(z)
 
 
-def _swap(t: Tensor) -> Tensor:
-    """[a; b] -> [b; a] over the batch: each image's reference next to it (DeepLIFT runs both halves)."""
-    half = t.shape[0] // 2
-    return torch.cat([t[half:], t[:half]])
+def _tensors(obj, found: list) -> list:
+    """The tensors in a call's arguments or result (in lists, tuples and dicts, at any depth), in order."""
+    if isinstance(obj, Tensor):
+        found.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _tensors(item, found)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _tensors(item, found)
+    return found
+
+
+def _in_place(func) -> bool:
+    """Whether ``func`` writes into its first argument (``add_``, ``__iadd__``, ``__setitem__``)."""
+    name = getattr(func, "__name__", "")
+    return (
+        name == "__setitem__"
+        or (name.startswith("__i") and name.endswith("__"))
+        or (name.endswith("_") and not name.endswith("__"))
+    )
 
 
 def _vjp(fn: Callable, inputs: list[Tensor], seed: Tensor) -> tuple[Tensor, ...]:
@@ -124,6 +140,19 @@ def _vjp(fn: Callable, inputs: list[Tensor], seed: Tensor) -> tuple[Tensor, ...]
         out = fn(*leaves)
         grads = torch.autograd.grad(out, leaves, seed, allow_unused=True)
     return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True))
+
+
+class _Scaled(torch.autograd.Function):
+    """Forward: ``out`` (worked out already from x); backward: the gradient times ``multiplier``."""
+
+    @staticmethod
+    def forward(ctx, x, out, multiplier):
+        ctx.multiplier = multiplier
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.multiplier, None, None
 
 
 class _Rule(torch.autograd.Function):
@@ -228,6 +257,9 @@ class PropagationMode(TorchFunctionMode):
         self.activations = 0
         self.module_stack: list[str] = []
         self.named_rules_used: set[str] = set()
+        #: DeepLIFT's reference, run beside the input call by call (without a graph): the reference's value of
+        #: each input-derived tensor, by id (None when there is no reference)
+        self.twins: dict[int, tuple[weakref.ref, Tensor]] | None = None
 
     # -- which tensors derive from the input
     def mark(self, t: Tensor, table: dict | None = None) -> None:
@@ -239,18 +271,88 @@ class PropagationMode(TorchFunctionMode):
         ref = (self.tainted if table is None else table).get(id(t))
         return ref is not None and ref() is t
 
+    def tracked(self, obj) -> bool:
+        """Whether an argument (or a list / tuple / dict of them) holds an input-derived tensor."""
+        if isinstance(obj, Tensor):
+            ref = self.tainted.get(id(obj))
+            return ref is not None and ref() is obj
+        if isinstance(obj, (list, tuple)):
+            return any(self.tracked(item) for item in obj)
+        if isinstance(obj, dict):
+            return any(self.tracked(item) for item in obj.values())
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, _ = tree_flatten((args, kwargs))
-        if not any(self.has(t) for t in flat):
+        if not (any(self.tracked(a) for a in args) or (kwargs and self.tracked(kwargs))):
             return func(*args, **kwargs)
+        before = None
+        if self.twins is not None and args and isinstance(args[0], Tensor) and _in_place(func):
+            # the reference's copy of a tensor written in place: its value before the write
+            before = self.twin(args[0]) if self.has(args[0]) else args[0].detach().clone()
         result = self.dispatch(func, args, kwargs)
-        for out in tree_flatten(result)[0]:
-            if isinstance(out, Tensor):
-                self.mark(out)
+        outputs = _tensors(result, [])
+        for out in outputs:
+            self.mark(out)
         if func in GATES and isinstance(result, Tensor):
             self.mark(result, self.gates)
+        if self.twins is not None:
+            self.shadow(func, args, kwargs, result, outputs, before)
         return result
+
+    # -- DeepLIFT's reference, beside the input
+    def set_twin(self, t: Tensor, twin: Tensor) -> None:
+        key = id(t)
+        twins = self.twins
+
+        def forget(ref, key=key):  # the twin lives as long as the tensor it mirrors
+            entry = twins.get(key)
+            if entry is not None and entry[0] is ref:
+                del twins[key]
+
+        twins[key] = (weakref.ref(t, forget), twin)
+
+    def twin(self, t: Tensor) -> Tensor:
+        entry = self.twins.get(id(t))
+        if entry is None or entry[0]() is not t:
+            raise MethodError(
+                "deeplift lost track of the reference's value of a tensor in this model's forward; use "
+                "integrated-gradients, which needs no rule per call"
+            )
+        return entry[1]
+
+    def substitute(self, obj):
+        """The call's arguments with every input-derived tensor replaced by its reference value."""
+        if isinstance(obj, Tensor):
+            return self.twin(obj) if self.has(obj) else obj
+        if isinstance(obj, (list, tuple)) and any(self.tracked(item) for item in obj):
+            items = [self.substitute(item) for item in obj]
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        if isinstance(obj, dict) and self.tracked(obj):
+            return {key: self.substitute(item) for key, item in obj.items()}
+        return obj
+
+    def shadow(self, func, args, kwargs, result, outputs, before) -> None:
+        """Run the call on the reference's values (no graph) and pair its outputs with the input's. The rules
+        that need the reference's values (DeepLIFT's activations, max pools, products) have paired theirs."""
+        if before is not None and (result is None or result is args[0]):  # written in place, on both sides
+            with torch.no_grad():
+                func(before, *self.substitute(args[1:]), **self.substitute(kwargs))
+            self.mark(args[0])
+            self.set_twin(args[0], before)
+            return
+        if not outputs or all(id(out) in self.twins and self.twins[id(out)][0]() is out for out in outputs):
+            return
+        twin_func = _out_of_place(func) if before is not None else func
+        with torch.no_grad():
+            twins = _tensors(twin_func(*self.substitute(args), **self.substitute(kwargs)), [])
+        if len(twins) != len(outputs):
+            raise MethodError(
+                f"deeplift could not run {getattr(func, '__name__', func)} on the reference as on the input (it "
+                "returned a different number of tensors); use integrated-gradients"
+            )
+        for out, twin in zip(outputs, twins, strict=True):
+            self.set_twin(out, twin)
 
     def dispatch(self, func, args, kwargs):
         x = args[0] if args else None
@@ -347,12 +449,12 @@ class PropagationMode(TorchFunctionMode):
                 call.cache["terms"] = terms_of(call, x)
         total = None
         for factor, inp, weight, inverse, coefficient in call.cache["terms"]:
-            part = call.input_grad(inp, weight, relevance * inverse)
+            part = call.input_grad(inp, weight, relevance * inverse)  # a new tensor: scaled in place
             if factor is not None:
-                part = part * factor
+                part = part.mul_(factor) if part.shape == factor.shape else part * factor
             if coefficient != 1.0:
-                part = part * coefficient
-            total = part if total is None else total + part
+                part = part.mul_(coefficient)
+            total = part if total is None else total.add_(part)
         return total
 
     def lrp_terms(self, call: WeightedCall, x: Tensor) -> list:
@@ -361,7 +463,7 @@ class PropagationMode(TorchFunctionMode):
         stab = self.stabilizer
 
         def inverse(z, eps=stab):
-            return 1.0 / stabilize(z, eps)
+            return stabilize(z, eps).reciprocal_()
 
         def z(inp, weight, bias=None):
             return call.apply(inp, weight, bias)
@@ -490,13 +592,18 @@ class PropagationMode(TorchFunctionMode):
                 return self.norm(plain, args, kwargs, [0 if self.has(a) else 1])
             return plain(*args, **kwargs)
         if self.kind == "deeplift":  # Delta(ab) = mean(b) Delta a + mean(a) Delta b, exactly
+            ta, tb = self.twin(a), self.twin(b)
+            with torch.no_grad():
+                ma, mb = (a + ta) / 2, (b + tb) / 2
 
             def backward(inputs, out, grad):
                 x, y = inputs
-                mx, my = (x + _swap(x)) / 2, (y + _swap(y)) / 2
-                return (grad * my).sum_to_size(x.shape), (grad * mx).sum_to_size(y.shape)
+                return (grad * mb).sum_to_size(x.shape), (grad * ma).sum_to_size(y.shape)
 
-            return _Rule.apply(lambda x, y: plain(x, y), backward, a, b)
+            out = _Rule.apply(lambda x, y: plain(x, y), backward, a, b)
+            with torch.no_grad():
+                self.set_twin(out, plain(ta, tb))
+            return out
         # LRP / excitation: the signal takes all relevance, the gate none (Arras et al. 2017)
         gate_a, gate_b = self.has(a, self.gates), self.has(b, self.gates)
         out_shape = torch.broadcast_shapes(a.shape, b.shape)
@@ -535,46 +642,53 @@ class PropagationMode(TorchFunctionMode):
             return None
         x = args[0]
         self.activations += 1
-        if self.kind == "excitation":
-            return _Rule.apply(function, lambda inputs, out, grad: _vjp(function, list(inputs), grad), x)
+        if self.kind == "excitation":  # the activation's own gradient: its plain (out-of-place) call
+            return function(x)
         if self.kind == "lrp":
             return _Rule.apply(function, lambda inputs, out, grad: (grad,), x)
-        eps = self.eps
-
-        def rescale(inputs, out, grad):
-            (inp,) = inputs
-            delta_in = inp - _swap(inp)
-            delta_out = out - _swap(out)
-            slope = derivative(inp) if derivative is not None else _vjp(function, [inp], torch.ones_like(inp))[0]
-            safe = torch.where(delta_in.abs() < eps, torch.ones_like(delta_in), delta_in)
-            return (grad * torch.where(delta_in.abs() < eps, slope, delta_out / safe),)
-
-        return _Rule.apply(function, rescale, x)
+        # DeepLIFT's rescale multiplier (f(x) - f(x')) / (x - x'), the slope f'(x) where x' is within eps of x;
+        # it does not depend on what flows back, so it is worked out here, once, from the reference's values
+        reference = self.twin(x)
+        with torch.no_grad():
+            out, twin = function(x), function(reference)
+            delta_in = x - reference
+            multiplier = (out - twin).div_(delta_in)
+            close = delta_in.abs_() < self.eps
+            if bool(close.any()):
+                if derivative is not None:  # element-wise: only where it is needed
+                    multiplier[close] = derivative(x.detach()[close])
+                else:
+                    slope = _vjp(function, [x], torch.ones_like(x))[0]
+                    multiplier = torch.where(close, slope, multiplier)
+        result = _Scaled.apply(x, out, multiplier)
+        self.set_twin(result, twin)
+        return result
 
     def maxpool(self, func, args, kwargs):
         """DeepLIFT through max pooling (Captum's definition): the output difference is split into the part
         reached at the image's maxima and the part at the reference's, each divided by its input difference."""
         eps = self.eps
         rest = args[1:]
+        x, reference = args[0], self.twin(args[0])
 
         def pool(t):
             return func(t, *rest, **kwargs)
 
+        with torch.no_grad():
+            twin = pool(reference)
+
         def backward(inputs, out, grad):
             (inp,) = inputs
-            half = out.shape[0] // 2
-            y, y0 = out[:half], out[half:]
-            top = torch.maximum(y, y0)
-            spread = torch.cat([top - y0, y - top])
-            placed = _vjp(pool, [inp], grad * spread)[0]
-            contributions = placed[:half] + placed[half:]
-            delta_in = inp[:half] - inp[half:]
-            plain = _vjp(pool, [inp], grad)[0][:half]
+            top = torch.maximum(out, twin)
+            contributions = _vjp(pool, [inp], grad * (top - twin))[0] + _vjp(pool, [reference], grad * (out - top))[0]
+            delta_in = inp - reference
+            plain = _vjp(pool, [inp], grad)[0]
             safe = torch.where(delta_in.abs() < eps, torch.ones_like(delta_in), delta_in)
-            multiplier = torch.where(delta_in.abs() < eps, plain, contributions / safe)
-            return (torch.cat([multiplier, multiplier]),)
+            return (torch.where(delta_in.abs() < eps, plain, contributions / safe),)
 
-        return _Rule.apply(pool, backward, args[0])
+        result = _Rule.apply(pool, backward, x)
+        self.set_twin(result, twin)
+        return result
 
 
 def _out_of_place(func):
@@ -596,12 +710,18 @@ def _arg(args, kwargs, index: int, name: str, default=None):
 
 
 @contextmanager
-def propagating(module: nn.Module, inputs: Tensor, kind: str, **settings) -> Iterator[PropagationMode]:
+def propagating(
+    module: nn.Module, inputs: Tensor, kind: str, reference: Tensor | None = None, **settings
+) -> Iterator[PropagationMode]:
     """Inside the block, the calls that ``inputs`` flow through backpropagate by ``kind``'s rules. With
     ``rules`` (layer name -> rule), forward hooks on the model's modules track which module a call is in;
-    they are removed on exit, also after an error."""
+    they are removed on exit, also after an error. With a ``reference`` (DeepLIFT's, the shape of ``inputs``)
+    every call also runs on the reference's values, without a graph; ``mode.twin(t)`` is t's reference value."""
     mode = PropagationMode(kind, **settings)
     mode.mark(inputs)
+    if reference is not None:
+        mode.twins = {}
+        mode.set_twin(inputs, reference.detach())
     handles = []
     try:
         if mode.rules:
@@ -687,16 +807,21 @@ class PropagationMethod(GradientMethod):
         b = batch.shape[0]
         inputs = batch.detach().clone()
         if reference is not None:
-            inputs = torch.cat([inputs, reference.detach().to(inputs)])
+            reference = reference.detach().to(inputs).clone()
+            if b == 1:  # CPU convolutions of one image round differently from a batch's, and DeepLIFT's rescale
+                # amplifies rounding where x is near x': a second row keeps an image's map what it is in a batch
+                inputs, reference = torch.cat([inputs, inputs]), torch.cat([reference, reference])
         inputs.requires_grad_(True)
         with torch.inference_mode(False), torch.enable_grad():
-            with propagating(self.model.module, inputs, self.kind, **self.settings(batch)) as mode:
+            settings = self.settings(batch)
+            with propagating(self.model.module, inputs, self.kind, reference, **settings) as mode:
                 outputs = self.model(inputs)
             if not outputs.requires_grad:
                 raise MethodError(
                     "this model's outputs carry no gradients (a black-box function, or a forward under no_grad); "
                     "use a perturbation method: occlusion or rise"
                 )
+            reference_logits = mode.twin(outputs).detach()[:b] if reference is not None else None
             logits = outputs[:b]
             targets = resolve(logits.detach())
             k_total = targets.shape[1]
@@ -704,12 +829,11 @@ class PropagationMethod(GradientMethod):
             for k in range(k_total):
                 check_cancelled()
                 seed = self.seed(logits.detach(), targets, k)
-                if reference is not None:
-                    seed = torch.cat([seed, seed])
+                if outputs.shape[0] > b:
+                    seed = torch.cat([seed, torch.zeros_like(outputs[b:])])
                 (grad,) = torch.autograd.grad(outputs, inputs, seed, retain_graph=k < k_total - 1)
                 values.append(grad[:b])
         _warn_uncovered(self.name, mode)
-        reference_logits = outputs[b:].detach() if reference is not None else None
         return torch.stack(values, dim=1), logits.detach(), targets, mode, reference_logits
 
     def attributions(self, batch: Tensor, resolve) -> Computed:
@@ -814,9 +938,10 @@ class DeepLift(PropagationMethod):
     layers' own gradients, Captum's rule at max pooling and the exact rule at products of two
     input-derived tensors (multipliers mean(b) and mean(a)), so the map sums to f(x) - f(x'). The
     reference x' is ``baseline``, as Integrated Gradients': ``black``, ``blur``, ``noise`` or a tensor. The
-    image and its reference run as one batch; activations are found by call, not by module, so functional,
-    in-place and reused activations are all rescaled (Captum's needs one ``nn.Module`` per activation). The
-    summation gap of every map is in ``stats["completeness_gap"]``."""
+    reference runs beside the image call by call, without a graph (one backward pass of the image alone, the
+    multipliers worked out once in the forward pass); activations are found by call, not by module, so
+    functional, in-place and reused activations are all rescaled (Captum's needs one ``nn.Module`` per
+    activation). The summation gap of every map is in ``stats["completeness_gap"]``."""
 
     summary = "DeepLIFT rescale rule from a baseline (Shrikumar et al. 2017)"
     kind = "deeplift"
