@@ -263,7 +263,9 @@ def test_options_are_checked_with_one_line_errors():
     assert parse_areas("[0.3]") == 0.3 and parse_areas(0.25) == 0.25
     assert ExtremalPerturbation(model, areas="0.05, 0.1").config["areas"] == [0.05, 0.1]
     huge = Model(SquareNet().eval(), preprocess=Preprocess(size=(64, 64, 64), mean=(0.0,), std=(1.0,)))
-    with pytest.raises(cnnscope.MethodError, match="raise step or lower sigma"):
+    with pytest.raises(cnnscope.MethodError, match="raise step or lower sigma"):  # sigma=step would fit
+        ExtremalPerturbation(huge, steps=1, sigma=12, step=2)(torch.rand(1, 1, 32, 32, 32), 0)
+    with pytest.raises(cnnscope.MethodError, match="too large .* crop or resize"):  # nothing fits
         ExtremalPerturbation(huge, steps=1, sigma=12, step=2)(torch.rand(1, 1, 64, 64, 64), 0)
 
 

@@ -33,13 +33,17 @@ grows per step, and with fewer steps a mask whose evidence is larger than its ar
 (bench/extremal.py --stability and the tests' bright-square model): on the default model and chelsea (area 0.1) the
 mask's top 10% after 400 and 600 steps overlaps the 800-step one at IoU 0.98, its mean 0.118, 0.106 and 0.106 after
 400, 600 and 800 steps; but on the bright square a mask of area 0.03 still covers 0.107, 0.062 and 0.040 of the
-image after 400, 600 and 800 steps. Nothing is random, so the same call gives the same maps bit for bit.
+image after 400, 600 and 800 steps. Nothing is random, so on a CPU the same call gives the same maps bit for
+bit (on a GPU, its scatter and convolution backward passes may sum in a different order).
 
 The map is the sum of the masks of the ``areas`` (one mask when one area is given), so each pixel counts the
 areas whose mask holds it, as in the paper's figures. ``stats`` holds per image and target the achieved
 ``mask_area`` and final ``reward`` of each area and, for several areas, each area's mask (``area_masks``).
 Pictures (N, C, H, W) of any channel count and volumes (N, C, D, H, W) go through the same code; only the
-input gradient is used, so a model with TorchScript inside works too.
+input gradient is used, so a model with TorchScript inside works too. The smooth mask keeps every pixel's
+candidates for the backward pass (81 per pixel at the 2-D defaults, 729 per voxel in 3-D), within 256 MiB: at the
+defaults, pictures up to about 450 x 450 and volumes or clips up to about 28^3; larger inputs get a one-line
+error saying how to fit (a larger ``step``, a smaller ``sigma``) or, where nothing fits, to crop or resize.
 """
 
 from __future__ import annotations
@@ -408,8 +412,15 @@ class ExtremalPerturbation(Method):
             )
         mask_bytes = SmoothMask.bytes_per_mask(spatial, step, sigma)
         if mask_bytes > MASK_LIMIT_BYTES:
+            size = "x".join(map(str, spatial))
+            if 16 * 5 ** len(spatial) * math.prod(spatial) > MASK_LIMIT_BYTES:  # not even sigma=step fits
+                raise MethodError(
+                    f"a {size} input is too large for extremal perturbation's smooth masks (they need "
+                    f"{mask_bytes / 2**30:.1f} GiB at sigma={sigma:g}, step={step}); explain a smaller crop or "
+                    "resize, or use occlusion or rise"
+                )
             raise MethodError(
-                f"a smooth mask of sigma={sigma:g} over step={step} on a {'x'.join(map(str, spatial))} input needs "
+                f"a smooth mask of sigma={sigma:g} over step={step} on a {size} input needs "
                 f"{mask_bytes / 2**30:.1f} GiB; raise step or lower sigma (sigma=step keeps "
                 f"{5 ** len(spatial)} candidates per pixel)"
             )

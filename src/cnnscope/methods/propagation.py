@@ -107,7 +107,7 @@ COMPOSITES = {
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
     """z + epsilon * sign(z), with sign(0) = +1 (Zennit's stabilizer)."""
-    return torch.where(z >= 0, epsilon, -epsilon).to(z.dtype).add_(z)
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
 
 
 def _tensors(obj, found: list) -> list:

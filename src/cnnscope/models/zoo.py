@@ -119,7 +119,8 @@ def load_offered(name: str) -> Model:
         return load_model(name, weights=False)
 
 
-#: torchvision's video classifiers offered by name (``"torchvision:r3d_18"``): (N, 3, T, H, W) clips.
+#: torchvision's video classifiers tested by name (``"torchvision:r3d_18"``, tests/zoo/test_video_models.py):
+#: (N, 3, T, H, W) clips. The others of ``torchvision.models.video`` (mvit, swin3d) load the same way, untested.
 VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18", "s3d")
 
 #: The clip length when a weights' documentation does not give its ``clip_len``.
@@ -127,7 +128,8 @@ DEFAULT_CLIP_FRAMES = 16
 
 
 def is_torchvision_video(name: str) -> bool:
-    """Whether ``torchvision:NAME`` is one of torchvision's video classifiers (``torchvision.models.video``)."""
+    """Whether ``torchvision:NAME`` is one of torchvision's video classifiers (``torchvision.models.video``: the
+    tested :data:`VIDEO_MODELS` and the others)."""
     try:
         from torchvision import models as tv_models
     except Exception:  # not installed, or a torchvision built for another torch
