@@ -1,7 +1,6 @@
 """The page in a real browser: Playwright driving Debian's Chromium, headless, off the network."""
 
 import io
-import shutil
 import socket
 import threading
 import time
@@ -10,22 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.web.chromium import CHROMIUM, FLAGS, NEEDS_CHROMIUM
+
 playwright_api = pytest.importorskip("playwright.sync_api")
 uvicorn = pytest.importorskip("uvicorn")
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-pytestmark = pytest.mark.skipif(
-    not shutil.which("chromium"), reason="Debian's chromium is not installed (make test installs it)"
-)
+pytestmark = NEEDS_CHROMIUM
 
 
 @pytest.fixture(scope="module")

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import io
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cnnscope.render.scatter import ATLAS_TILES, ScatterData, scatter_html
+from tests.web.chromium import CHROMIUM, FLAGS, NEEDS_CHROMIUM
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-pytestmark = pytest.mark.skipif(
-    not shutil.which("chromium"), reason="Debian's chromium is not installed (make test installs it)"
-)
+pytestmark = NEEDS_CHROMIUM
 CLASSES = ["red", "green", "blue"]
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
 PALETTE_RGB = [(0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C)]  # the scatter's first three colours
