@@ -15,19 +15,25 @@ from .test_cli import run
 CLASSES = ("circle", "square", "triangle", "cross")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A folder of class folders (with one corrupt file), a pickled model file and its labels file."""
-    root = tmp_path_factory.mktemp("audit-cli")
+def write_shapes_dataset(root):
+    """Under ``root``: ``data/`` (24 shapes of 32 px in class folders), ``model.pt`` (a pickled small CNN) and
+    ``labels.txt``; ``_model_args(root)`` are the options that load that model."""
     data = make_shapes(24, size=32, seed=5)
     for index, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
         folder = root / "data" / data.classes[label]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"img{index:02d}.png")
-    (root / "data" / "cross" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is no jpeg")
     module = SmallCNN(4, width=4, blocks=2, generator=torch.Generator().manual_seed(0)).eval()
     torch.save(module, root / "model.pt")
     (root / "labels.txt").write_text("\n".join(CLASSES) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A folder of class folders (with one corrupt file), a pickled model file and its labels file."""
+    root = write_shapes_dataset(tmp_path_factory.mktemp("audit-cli"))
+    (root / "data" / "cross" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is no jpeg")
     return root
 
 

@@ -6,11 +6,8 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-import torch
-from PIL import Image
 
-from cnnscope.data import SmallCNN, make_shapes
-
+from .test_audit_cli import _model_args, write_shapes_dataset
 from .test_cli import run
 
 CLASSES = ("circle", "square", "triangle", "cross")
@@ -36,27 +33,8 @@ KEYS = {
 
 
 def _dataset(root):
-    data = make_shapes(24, size=32, seed=5)
-    for index, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
-        folder = root / "data" / data.classes[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"img{index:02d}.png")
-    module = SmallCNN(4, width=4, blocks=2, generator=torch.Generator().manual_seed(0)).eval()
-    torch.save(module, root / "model.pt")
-    (root / "labels.txt").write_text("\n".join(CLASSES) + "\n")
-    return [
-        "--model",
-        str(root / "model.pt"),
-        "--trust-pickle",
-        "--size",
-        "32",
-        "--mean",
-        "0,0,0",
-        "--std",
-        "1,1,1",
-        "--labels",
-        str(root / "labels.txt"),
-    ]
+    write_shapes_dataset(root)
+    return _model_args(root)
 
 
 @pytest.mark.slow
