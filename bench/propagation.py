@@ -2,7 +2,8 @@
 (run by hand: `.venv/bin/python bench/propagation.py`).
 
 - Each propagation map against the floor: one forward + one backward pass to the input pixels
-  (torch.autograd.grad of the target logit), for the same images and targets. Goal (issue #22): <= 1.3x.
+  (torch.autograd.grad of the target logit), for the same images and targets, batched (``--images``: the four
+  sample photos by default, more as mirrored copies). Goal (issue #22): <= 1.3x.
 - kernel-shap at 1,000 samples against LIME at 1,000 samples (same superpixels). Goal: <= 1x.
 - Captum's DeepLift / LRP / GradientShap / KernelShap beside ours where they apply. Captum's DeepLift needs
   every activation to be its own nn.Module and its LRP a rule for every module: on the default model (one ReLU6
@@ -19,7 +20,7 @@ import torch
 
 import cnnscope
 from _timing import interleaved, timed
-from cnnscope.samples import sample_image
+from cnnscope.samples import SAMPLES, sample_image
 
 
 def floor(model, batch, targets):
@@ -66,14 +67,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--no-captum", action="store_true", help="leave Captum's methods out")
+    parser.add_argument("--images", type=int, default=4, help="images in the batch (the samples, then mirrored)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     model = cnnscope.load_model()
-    batch = model.preprocess([sample_image("chelsea"), sample_image("coffee")])
+    photos = [sample_image(name) for name in SAMPLES]
+    photos += [photo[:, ::-1].copy() for photo in photos]
+    batch = model.preprocess([photos[i % len(photos)] for i in range(args.images)])
+    report: dict = {"images": args.images}
     with torch.no_grad():
         targets = model(batch).topk(2, dim=1).indices
-    report: dict = {}
     for label, k in (("top-1", 1), ("top-2", 2)):
         chosen = targets[:, :k]
         methods = {

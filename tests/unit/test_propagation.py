@@ -81,6 +81,59 @@ def test_deeplift_equals_gradient_x_input_on_a_homogeneous_net_from_black():
     torch.testing.assert_close(deeplift.raw, gxi.raw, rtol=1e-4, atol=1e-6)
 
 
+class Reshaping(nn.Module):
+    """A head that flattens each row (``flatten(1)``), views by the batch size (``x.view(x.size(0), -1)``), or
+    splits each row in four rows and back (a shape no one-row reference can take)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(F.relu(self.conv(x)), 4)
+        if self.how == "rows":
+            x = x.flatten(1)
+        elif self.how == "view":
+            x = x.view(x.size(0), -1)
+        else:
+            x = torch.tanh(x.reshape(x.size(0) * 4, -1)).reshape(x.size(0), -1)
+        return self.fc(torch.tanh(x))
+
+
+def test_deeplift_runs_one_shared_reference_and_falls_back_when_the_forward_mixes_rows(monkeypatch):
+    """A reference that is the same for every image (a black baseline) runs once, one row broadcast against the
+    batch (a view by the batch size included); a forward that reshapes rows into several cannot take one row, and
+    gets one reference per row: the same maps as a reference per row, each summing to f(x) - f(x')."""
+    from cnnscope.methods import propagation
+
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    fallbacks = []
+    unshared = propagation._Unshared
+
+    class Counted(unshared):
+        def __init__(self, *args):
+            fallbacks.append(1)
+            super().__init__(*args)
+
+    for how, falls_back in (("rows", False), ("view", False), ("split", True)):
+        model = Model(Reshaping(how).eval(), labels=list("abc"), preprocess=IDENTITY_PREPROCESS, name="r")
+        method = cnnscope.get_method("deeplift")(model)
+        monkeypatch.setattr(propagation, "_Unshared", Counted)
+        fallbacks.clear()
+        shared = method(images, "top2")
+        assert bool(fallbacks) == falls_back, how
+        assert max(abs(v) for row in shared.stats["completeness_gap"] for v in row) < 1e-4
+        # one reference per row, as before: a baseline tensor whose rows differ by less than rounding
+        monkeypatch.setattr(propagation, "_Unshared", unshared)
+        per_row = method.baseline_for(images).clone()
+        per_row[1:] = per_row[1:] + 1e-30  # not equal, so not shared
+        separate = cnnscope.get_method("deeplift")(model, baseline=per_row)(images, "top2")
+        torch.testing.assert_close(shared.raw, separate.raw, rtol=1e-5, atol=1e-6)
+
+
 class ConvBN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -108,7 +161,7 @@ def test_batchnorm_is_merged_into_the_convolution_before_it():
     model = Model(ConvBN().eval(), labels=list("abc"), preprocess=IDENTITY_PREPROCESS, name="bn")
     folded, count = fold_batchnorm(model)
     assert count == 2
-    for composite in ("epsilon-plus-flat", "epsilon-gamma-box"):
+    for composite in ("epsilon-plus-flat", "epsilon-gamma-box", "epsilon"):  # z+, z-box and gamma, epsilon
         ours = cnnscope.get_method("lrp")(model, composite=composite)(IMAGES, "top1")
         reference = cnnscope.get_method("lrp")(folded, composite=composite)(IMAGES, "top1")
         torch.testing.assert_close(ours.raw, reference.raw, rtol=1e-4, atol=1e-6)

@@ -106,8 +106,9 @@ COMPOSITES = {
 
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
-    """z + epsilon * sign(z), with sign(0) = +1 (Zennit's stabilizer)."""
-    return torch.where(z >= 0, z + epsilon, z - epsilon)
+    """z + epsilon * sign(z), with sign(+0) = +1 (Zennit's stabilizer), in z's dtype: one new tensor. (A -0 takes
+    -epsilon; every rule gives a unit whose value is 0 no relevance, so what it is divided by does not matter.)"""
+    return torch.copysign(z.new_tensor(epsilon), z).add_(z)
 
 
 def _tensors(obj, found: list) -> list:
@@ -186,6 +187,9 @@ class WeightedCall:
     rule: str
     index: int
     last: bool = False
+    #: z of the rules that divide by the layer's own output (epsilon, zero, gamma, z-box): the call's output from
+    #: the forward pass, or the merged BatchNorm's output, so that the backward pass need not compute it again
+    output: Tensor | None = None
 
     cache: dict = dataclasses.field(default_factory=dict)
 
@@ -207,22 +211,39 @@ class WeightedCall:
                 for i, (n, d) in enumerate(zip(names, defaults, strict=True))
             ]
             if not isinstance(values[1], str):
+                dims = x.ndim - 2
+                stride, padding, dilation = (
+                    (v,) * dims if isinstance(v, int) else tuple(v) for v in values[:3]
+                )  # the backward of the convolution itself, given x (not an expanded stand-in, which makes
+                # CPU depthwise convolutions take a slower path)
                 with torch.no_grad():
-                    return convs[self.func](x.shape, weight, seed, *values)
+                    return torch.ops.aten.convolution_backward(
+                        seed,
+                        x,
+                        weight,
+                        None,
+                        stride,
+                        padding,
+                        dilation,
+                        False,
+                        [0] * dims,
+                        values[3],
+                        (True, False, False),
+                    )[0]
         return _vjp(lambda t: self.apply(t, weight, None), [x], seed)[0]
 
     def merge(self, mean, var, gamma, beta, eps) -> None:
-        """w <- w * s, b <- (b - mean) * s + beta with s = gamma / sqrt(var + eps), per output channel."""
-        scale = torch.rsqrt(var.double() + eps)
+        """w <- w * s, b <- (b - mean) * s + beta with s = gamma / sqrt(var + eps), per output channel (in the
+        weights' dtype: one pass over them)."""
+        scale = torch.rsqrt(var + eps)
         if gamma is not None:
-            scale = scale * gamma.double()
-        shift = -mean.double() * scale
+            scale = scale * gamma
+        shift = -mean * scale
         if beta is not None:
-            shift = shift + beta.double()
+            shift = shift + beta
         view = (-1, *([1] * (self.weight.ndim - 1)))  # (out, in / groups, ...): one scale per output channel
-        bias = self.bias.double() * scale + shift if self.bias is not None else shift
-        self.weight = (self.weight.double() * scale.view(view)).to(self.weight.dtype)
-        self.bias = bias.to(self.weight.dtype)
+        self.bias = self.bias * scale + shift if self.bias is not None else shift
+        self.weight = self.weight * scale.view(view)
 
 
 class PropagationMode(TorchFunctionMode):
@@ -260,6 +281,8 @@ class PropagationMode(TorchFunctionMode):
         #: DeepLIFT's reference, run beside the input call by call (without a graph): the reference's value of
         #: each input-derived tensor, by id (None when there is no reference)
         self.twins: dict[int, tuple[weakref.ref, Tensor]] | None = None
+        #: the batch size when one reference row serves every image (each twin then has one row), else None
+        self.shared: int | None = None
 
     # -- which tensors derive from the input
     def mark(self, t: Tensor, table: dict | None = None) -> None:
@@ -302,6 +325,10 @@ class PropagationMode(TorchFunctionMode):
 
     # -- DeepLIFT's reference, beside the input
     def set_twin(self, t: Tensor, twin: Tensor) -> None:
+        if self.shared is not None and not (
+            t.ndim >= 1 and t.shape[0] == self.shared and twin.shape == (1, *t.shape[1:])
+        ):
+            raise _Unshared  # a tensor whose first axis is not the batch's: the reference runs row by row instead
         key = id(t)
         twins = self.twins
 
@@ -337,15 +364,27 @@ class PropagationMode(TorchFunctionMode):
         that need the reference's values (DeepLIFT's activations, max pools, products) have paired theirs."""
         if before is not None and (result is None or result is args[0]):  # written in place, on both sides
             with torch.no_grad():
-                func(before, *self.substitute(args[1:]), **self.substitute(kwargs))
+                try:
+                    func(before, *self.substitute(args[1:]), **self.substitute(kwargs))
+                except RuntimeError as error:
+                    if self.shared is not None:
+                        raise _Unshared from error
+                    raise
             self.mark(args[0])
             self.set_twin(args[0], before)
             return
         if not outputs or all(id(out) in self.twins and self.twins[id(out)][0]() is out for out in outputs):
             return
         twin_func = _out_of_place(func) if before is not None else func
+        if self.shared is not None and func in RESHAPES:
+            args = _one_row(args, self.shared)  # x.view(batch_size, -1) on the one-row reference: view(1, -1)
         with torch.no_grad():
-            twins = _tensors(twin_func(*self.substitute(args), **self.substitute(kwargs)), [])
+            try:
+                twins = _tensors(twin_func(*self.substitute(args), **self.substitute(kwargs)), [])
+            except RuntimeError as error:  # a one-row reference where the call needs the batch's rows
+                if self.shared is not None:
+                    raise _Unshared from error
+                raise
         if len(twins) != len(outputs):
             raise MethodError(
                 f"deeplift could not run {getattr(func, '__name__', func)} on the reference as on the input (it "
@@ -417,6 +456,8 @@ class PropagationMode(TorchFunctionMode):
 
         out = _Rule.apply(compute, backward, x)
         self.producers[id(out)] = (weakref.ref(out), call)
+        if self.kind == "lrp":
+            call.output = out.detach()
         return out
 
     def excitation_relevance(self, call: WeightedCall, x: Tensor, relevance: Tensor) -> Tensor:
@@ -468,8 +509,9 @@ class PropagationMode(TorchFunctionMode):
         def z(inp, weight, bias=None):
             return call.apply(inp, weight, bias)
 
+        own = call.output if call.output is not None else z(x, w, b)  # z(x, w, b) from the forward pass
         if rule in ("epsilon", "zero"):
-            return [(x, x, w, inverse(z(x, w, b), self.epsilon if rule == "epsilon" else 1e-12), 1.0)]
+            return [(x, x, w, inverse(own, self.epsilon if rule == "epsilon" else 1e-12), 1.0)]
         pos, neg = w.clamp_min(0), w.clamp_max(0)
         bpos = None if b is None else b.clamp_min(0)
         bneg = None if b is None else b.clamp_max(0)
@@ -488,7 +530,7 @@ class PropagationMode(TorchFunctionMode):
             wp, wn = w + g * pos, w + g * neg
             bp = None if b is None else b + g * bpos
             bn = None if b is None else b + g * bneg
-            original = z(x, w, b)
+            original = own
             up = (original > 0).to(x.dtype) * inverse(z(xp, wp, bp) + (z(xn, wn) if xn is not None else 0))
             down = (original < 0).to(x.dtype) * inverse(z(xp, wn, bn) + (z(xn, wp) if xn is not None else 0))
             terms = [(xp, xp, wp, up, 1.0), (xp, xp, wn, down, 1.0)]
@@ -506,7 +548,7 @@ class PropagationMode(TorchFunctionMode):
                     "preprocessing's range); set it on the first convolution only"
                 )
             low, high = (bound.expand_as(x) for bound in self.bounds)
-            s = inverse(z(x, w, b) - z(low, pos, bpos) - z(high, neg, bneg))
+            s = inverse(own - z(low, pos, bpos) - z(high, neg, bneg))
             return [(x, x, w, s, 1.0), (low, low, pos, s, -1.0), (high, high, neg, s, -1.0)]
         raise MethodError(f"unknown LRP rule {rule!r}; choose one of {', '.join(RULES)}")
 
@@ -530,10 +572,15 @@ class PropagationMode(TorchFunctionMode):
             and producer[1].func not in (torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d)
         ):
             producer[1].merge(params[1], params[2], gamma, beta, eps)
+        else:
+            producer = None
         others = [a.detach() if isinstance(a, Tensor) else a for a in args[1:]]
-        return _Rule.apply(
+        out = _Rule.apply(
             lambda inp: func(inp, *others, **kwargs), lambda inputs, out, grad: (grad,), x
         )  # Zennit / TorchRay: a BatchNorm passes relevance through (after the merge above)
+        if producer is not None:  # the merged layer's output: BatchNorm(conv(x)) = conv(x; merged weights)
+            producer[1].output = out.detach()
+        return out
 
     def average(self, func, args, kwargs):
         if self.kind == "deeplift":
@@ -655,8 +702,8 @@ class PropagationMode(TorchFunctionMode):
             multiplier = (out - twin).div_(delta_in)
             close = delta_in.abs_() < self.eps
             if bool(close.any()):
-                if derivative is not None:  # element-wise: only where it is needed
-                    multiplier[close] = derivative(x.detach()[close])
+                if derivative is not None:  # element-wise (cheaper over the whole tensor than indexing the few)
+                    multiplier = torch.where(close, derivative(x.detach()), multiplier)
                 else:
                     slope = _vjp(function, [x], torch.ones_like(x))[0]
                     multiplier = torch.where(close, slope, multiplier)
@@ -680,8 +727,9 @@ class PropagationMode(TorchFunctionMode):
         def backward(inputs, out, grad):
             (inp,) = inputs
             top = torch.maximum(out, twin)
-            contributions = _vjp(pool, [inp], grad * (top - twin))[0] + _vjp(pool, [reference], grad * (out - top))[0]
-            delta_in = inp - reference
+            full = reference.expand_as(inp)
+            contributions = _vjp(pool, [inp], grad * (top - twin))[0] + _vjp(pool, [full], grad * (out - top))[0]
+            delta_in = inp - full
             plain = _vjp(pool, [inp], grad)[0]
             safe = torch.where(delta_in.abs() < eps, torch.ones_like(delta_in), delta_in)
             return (torch.where(delta_in.abs() < eps, plain, contributions / safe),)
@@ -689,6 +737,25 @@ class PropagationMode(TorchFunctionMode):
         result = _Rule.apply(pool, backward, x)
         self.set_twin(result, twin)
         return result
+
+
+RESHAPES = {Tensor.view, Tensor.reshape, torch.reshape}
+
+
+def _one_row(args: tuple, batch: int) -> tuple:
+    """A view / reshape call's arguments with a leading size equal to the batch size made 1."""
+    if len(args) < 2:
+        return args
+    shape = args[1]
+    if isinstance(shape, (tuple, list)) and shape and shape[0] == batch:
+        return (args[0], (1, *shape[1:]), *args[2:])
+    if isinstance(shape, int) and shape == batch:
+        return (args[0], 1, *args[2:])
+    return args
+
+
+class _Unshared(Exception):
+    """Raised inside DeepLIFT's forward when a one-row reference cannot stand for every image's."""
 
 
 def _out_of_place(func):
@@ -721,6 +788,8 @@ def propagating(
     mode.mark(inputs)
     if reference is not None:
         mode.twins = {}
+        if reference.shape[0] == 1 and inputs.shape[0] > 1:
+            mode.shared = inputs.shape[0]
         mode.set_twin(inputs, reference.detach())
     handles = []
     try:
@@ -811,17 +880,24 @@ class PropagationMethod(GradientMethod):
             if b == 1:  # CPU convolutions of one image round differently from a batch's, and DeepLIFT's rescale
                 # amplifies rounding where x is near x': a second row keeps an image's map what it is in a batch
                 inputs, reference = torch.cat([inputs, inputs]), torch.cat([reference, reference])
+            if bool((reference == reference[:1]).all()):  # one reference for every image (a black baseline):
+                reference = reference[:1]  # it runs once, its values broadcast against the batch's
         inputs.requires_grad_(True)
         with torch.inference_mode(False), torch.enable_grad():
             settings = self.settings(batch)
-            with propagating(self.model.module, inputs, self.kind, reference, **settings) as mode:
-                outputs = self.model(inputs)
+            try:
+                with propagating(self.model.module, inputs, self.kind, reference, **settings) as mode:
+                    outputs = self.model(inputs)
+            except _Unshared:  # the forward mixes the batch's rows (a reshape by batch size): a reference per row
+                reference = reference.expand_as(inputs).clone()
+                with propagating(self.model.module, inputs, self.kind, reference, **settings) as mode:
+                    outputs = self.model(inputs)
             if not outputs.requires_grad:
                 raise MethodError(
                     "this model's outputs carry no gradients (a black-box function, or a forward under no_grad); "
                     "use a perturbation method: occlusion or rise"
                 )
-            reference_logits = mode.twin(outputs).detach()[:b] if reference is not None else None
+            reference_logits = mode.twin(outputs).detach().expand_as(outputs)[:b] if reference is not None else None
             logits = outputs[:b]
             targets = resolve(logits.detach())
             k_total = targets.shape[1]
