@@ -5,7 +5,11 @@
 - Memory of Grad-CAM on a 128^3 volume against the forward pass's activations (every layer output of one
   forward, summed): the growth of the peak resident memory of a fresh process while Grad-CAM runs, over those
   bytes. Goal: < 2x.
-- 3-D occlusion batched (cnnscope's default passes) against the same occlusion one perturbed volume per pass.
+- 3-D occlusion batched (cnnscope's default passes) against the same occlusion one perturbed volume per pass, and
+  incremental occlusion (the default: only what the patch changes in the first layers, Krypton's exact inference,
+  ``cnnscope.methods.incremental``) against the plain batched one (``incremental=False``), with the largest
+  difference of their maps relative to the map's scale; on 32^3 (an 8^3 window, stride 8) and on the MONAI
+  comparison's 64^3 (window 16, stride 8).
 - With ``--video`` (the zoo environment): torchvision's r3d_18 at random weights on a 4x64x64 clip, one forward +
   backward and Grad-CAM on its default layer (the issue: about 2 s on 2 cores).
 - With ``--monai`` (MONAI installed: ``.venv-zoo/bin/pip install -r requirements/bench-monai.txt``, then
@@ -13,7 +17,8 @@
   occlusion on the same model, 64^3 volume, window and stride (MONAI takes an ``overlap`` fraction: overlap =
   1 - stride / window gives the same patch positions; a constant fill of 0 and no activation, as cnnscope's
   ``fill="zero", score="logit"``), at MONAI's default ``n_batch`` of 16 and at one volume per pass; and MONAI's
-  ``GradCAM`` against cnnscope's on the same layer. Each also prints how far the two maps agree: occlusion as
+  ``GradCAM`` against cnnscope's on the same layer. cnnscope's occlusion is timed incremental (its default) and
+  plain (``incremental=False``). Each also prints how far the two maps agree: occlusion as
   ``base logit - MONAI's map`` (MONAI maps the occluded score, cnnscope its drop), Grad-CAM as the correlation
   of cnnscope's normalized map with ``1 - MONAI's`` (MONAI's default normalizer maps the maximum to 0).
   Goal (issue 21): cnnscope's occlusion >= 5x faster than MONAI's.
@@ -94,28 +99,33 @@ def speed(size: int, repeat: int) -> dict:
     }
 
 
-def occlusion(size: int, window: int, stride: int, repeat: int) -> dict:
+def occlusion(size: int, window: int, stride: int, repeat: int, one_per_pass: bool = True) -> dict:
     import cnnscope
 
     model = model_for(size)
     volume = torch.rand(1, 1, size, size, size, generator=torch.Generator().manual_seed(0))
     common = {"window": window, "stride": stride, "score": "logit", "fill": "zero", "quiet": True}
-    times = interleaved(
-        {
-            "batched": lambda: cnnscope.explain(model, volume, method="occlusion", target=0, **common),
-            "one_per_pass": lambda: cnnscope.explain(
-                model, volume, method="occlusion", target=0, inputs_per_pass=1, **common
-            ),
-        },
-        repeat,
-        warmup=1,
-    )
+
+    def run(**more) -> cnnscope.Explanation:
+        return cnnscope.explain(model, volume, method="occlusion", target=0, **common, **more)
+
+    candidates = {"incremental": run, "batched": lambda: run(incremental=False)}
+    if one_per_pass:
+        candidates["one_per_pass"] = lambda: run(incremental=False, inputs_per_pass=1)
+    times = interleaved(candidates, repeat, warmup=1)
+    incremental, plain = run(), run(incremental=False)
+    assert incremental.stats["incremental"] == [True] and plain.stats["incremental"] == [False]
+    scale = float(plain.raw.abs().max())
     return {
         "size": size,
         "window": window,
         "stride": stride,
         **{k: round(v, 3) for k, v in times.items()},
-        "speedup": round(times["one_per_pass"] / times["batched"], 2),
+        **({"speedup": round(times["one_per_pass"] / times["batched"], 2)} if one_per_pass else {}),
+        "incremental_speedup_vs_batched": round(times["batched"] / times["incremental"], 2),
+        "incremental_max_difference_over_scale": float(
+            f"{float((incremental.raw - plain.raw).abs().max()) / scale:.2e}"
+        ),
     }
 
 
@@ -141,10 +151,14 @@ def monai_comparison(size: int, window: int, stride: int, repeat: int, single: b
     monai_single = OcclusionSensitivity(theirs, n_batch=1, **occlusion_options)
     ours_options = {"window": window, "stride": stride, "score": "logit", "fill": "zero", "quiet": True}
 
-    def ours() -> cnnscope.Explanation:
-        return cnnscope.explain(model, volume, method="occlusion", target=0, **ours_options)
+    def ours(incremental: bool = True) -> cnnscope.Explanation:
+        return cnnscope.explain(model, volume, method="occlusion", target=0, incremental=incremental, **ours_options)
 
-    candidates = {"cnnscope": ours, "monai_n_batch_16": lambda: monai_batched(volume)}
+    candidates = {
+        "cnnscope": ours,
+        "cnnscope_plain": lambda: ours(incremental=False),
+        "monai_n_batch_16": lambda: monai_batched(volume),
+    }
     if single:
         candidates["monai_n_batch_1"] = lambda: monai_single(volume)
     times = interleaved(candidates, repeat, warmup=1)
@@ -153,7 +167,9 @@ def monai_comparison(size: int, window: int, stride: int, repeat: int, single: b
         their_map = monai_batched(volume)[0][0, 0]
     their_map = their_map.as_tensor() if hasattr(their_map, "as_tensor") else their_map  # a MetaTensor
     explanation = ours()
+    assert explanation.stats["incremental"] == [True]
     our_map = explanation.maps[0, 0]
+    plain_map = ours(incremental=False).maps[0, 0]
     occlusion = {
         "monai": monai.__version__,
         "size": size,
@@ -163,7 +179,15 @@ def monai_comparison(size: int, window: int, stride: int, repeat: int, single: b
         **{k: round(v, 3) for k, v in times.items()},
         "speedup_vs_monai_n_batch_16": round(times["monai_n_batch_16"] / times["cnnscope"], 2),
         **({"speedup_vs_monai_n_batch_1": round(times["monai_n_batch_1"] / times["cnnscope"], 2)} if single else {}),
+        "plain_speedup_vs_monai_n_batch_16": round(times["monai_n_batch_16"] / times["cnnscope_plain"], 2),
+        **(
+            {"plain_speedup_vs_monai_n_batch_1": round(times["monai_n_batch_1"] / times["cnnscope_plain"], 2)}
+            if single
+            else {}
+        ),
+        "incremental_speedup_vs_plain": round(times["cnnscope_plain"] / times["cnnscope"], 2),
         "max_abs_difference_of_drop": round(float((our_map - (base - their_map)).abs().max()), 6),
+        "max_abs_difference_incremental_vs_plain": float(f"{float((our_map - plain_map).abs().max()):.2e}"),
         "drop_scale": round(float(our_map.abs().max()), 6),
     }
 
@@ -260,14 +284,25 @@ def main() -> None:
     parser.add_argument("--memory-size", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--monai", action="store_true", help="only the comparison with MONAI (installed)")
-    parser.add_argument("--window", type=int, default=16, help="occlusion window of the MONAI comparison")
-    parser.add_argument("--stride", type=int, default=8, help="occlusion stride of the MONAI comparison")
+    parser.add_argument("--occlusion", action="store_true", help="only the occlusion rows (no MONAI needed)")
+    parser.add_argument(
+        "--window", type=int, default=16, help="occlusion window of the MONAI comparison (and 64^3 row)"
+    )
+    parser.add_argument("--stride", type=int, default=8, help="occlusion stride of the MONAI comparison (and 64^3 row)")
     parser.add_argument("--no-single", action="store_true", help="leave out MONAI at one volume per pass (slow)")
     parser.add_argument("--video", action="store_true", help="only torchvision's r3d_18 at 4x64x64 (zoo env)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.video:
         print(json.dumps({"video": video_model("r3d_18", (4, 64, 64), args.repeat)}, indent=2))
+        return
+    if args.occlusion:
+        repeat = max(1, args.repeat // 2)
+        results = {
+            "occlusion_batched_vs_one_per_pass": occlusion(32, 8, 8, repeat),
+            "occlusion_incremental_64": occlusion(args.size, args.window, args.stride, repeat, one_per_pass=False),
+        }
+        print(json.dumps(results, indent=2))
         return
     if args.monai:
         repeat = max(1, args.repeat // 2)
@@ -278,6 +313,7 @@ def main() -> None:
         "gradcam_vs_floor": speed(args.size, args.repeat),
         "memory_vs_activations": memory(args.memory_size),
         "occlusion_batched_vs_one_per_pass": occlusion(32, 8, 8, max(1, args.repeat // 2)),
+        "occlusion_incremental_64": occlusion(args.size, args.window, args.stride, 1, one_per_pass=False),
     }
     print(json.dumps(results, indent=2))
 

@@ -42,6 +42,7 @@ from ..options import Option, Options, anything, choice, flag, integer, number
 from ..progress import Progress
 from .base import INPUTS_PER_PASS, MAX_NOTES, Computed, Method, auto_images_per_pass, register_method
 from .gradient import SEED, gaussian_blur
+from .incremental import plan_for
 
 FILLS = ("grey", "mean", "blur", "zero", "noise")
 
@@ -319,7 +320,13 @@ class Occlusion(PerturbationMethod):
     the target's score drops (``score``: probability or logit). Each pixel gets the average drop over
     the patches covering it, so the map is at the input's resolution. ``stats["winners"]`` holds, per
     image, the (rows, columns) grid of the class that wins when each patch is occluded (-1 where the run
-    stopped early). With ``fill="zero"`` and ``score="logit"`` it is Captum's ``Occlusion`` (baselines 0)."""
+    stopped early). With ``fill="zero"`` and ``score="logit"`` it is Captum's ``Occlusion`` (baselines 0).
+
+    ``incremental`` (the default) computes, for a model that is an ``nn.Sequential`` of convolutions, pooling,
+    eval-mode batch norm and activations first (nested Sequentials followed), only the part of each of those
+    layers that the patch changes (Krypton, Nakandala et al. 2019: :mod:`cnnscope.methods.incremental`): the
+    same maps to float rounding, in a fraction of the time on volumes. Other models, and ``precision="bf16"``,
+    run the plain batched forward; ``stats["incremental"]`` says which ran."""
 
     summary = "score drop when a sliding patch is occluded (Zeiler & Fergus 2014)"
     options: ClassVar[Options] = PerturbationMethod.options | Options(
@@ -330,7 +337,15 @@ class Occlusion(PerturbationMethod):
         fill=choice("grey", FILLS, "what the patch holds"),
         score=choice("probability", ("probability", "logit"), "the score whose drop is mapped"),
         seed=SEED,
+        incremental=flag(
+            True, "recompute only what the patch changes in a Sequential CNN's first layers (exact; else the full pass)"
+        ),
     )
+
+    def __init__(self, *args, **options) -> None:
+        super().__init__(*args, **options)
+        #: occluded batches made by ``make`` and not yet scored, by id: (the batch, its run, first, last position)
+        self._pending: dict[int, tuple[torch.Tensor, Perturbed, int, int]] = {}
 
     def score_kind(self) -> str:
         return str(self.config["score"])
@@ -369,7 +384,25 @@ class Occlusion(PerturbationMethod):
         for row, position in enumerate(run.state["positions"][start:stop]):
             box = (slice(None), *self._box(position, run.state["window"]))
             occluded[(row, *box)] = fill[(0, *box)]
+        if self.config["incremental"]:
+            self._pending[id(occluded)] = (occluded, run, start, stop)
         return occluded
+
+    def scores(self, inputs: torch.Tensor, kind: str, *, precision: str = "fp32") -> torch.Tensor:
+        """The scores of a batch made by ``make``: incrementally where the model allows it (the same numbers
+        to float rounding), else (and for any other inputs) by the plain forward."""
+        pending = self._pending.pop(id(inputs), None)
+        if pending is None or pending[0] is not inputs or precision != "fp32":
+            return super().scores(inputs, kind, precision=precision)
+        _, run, start, stop = pending
+        if "incremental" not in run.state:
+            plan = plan_for(self.model, tuple(int(n) for n in run.image.shape[2:]), run.state["window"])
+            run.state["incremental"] = None if plan is None else plan.prepare(run.image)
+        prepared = run.state["incremental"]
+        if prepared is None:
+            return super().scores(inputs, kind, precision=precision)
+        outputs = prepared.outputs(run.state["fill"], run.state["positions"][start:stop])
+        return self.as_scores(outputs, kind)
 
     def take(self, run, start, scores):
         state = run.state
@@ -385,6 +418,9 @@ class Occlusion(PerturbationMethod):
             counts[self._box(position, run.state["window"])] += 1
         run.maps = run.state["sums"] / counts.clamp_min(1)
         run.extra["winners"] = run.state["winners"].view(*run.state["grid"]).tolist()
+        run.extra["incremental"] = run.state.get("incremental") is not None
+        for key in [key for key, pending in self._pending.items() if pending[1] is run]:  # a batch never scored
+            del self._pending[key]
 
 
 @register_method("rise")
