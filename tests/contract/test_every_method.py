@@ -52,6 +52,32 @@ def test_contract_on_the_default_model(name, default_model, default_batch):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_a_first_in_place_module_leaves_the_callers_images_as_they_were(name):
+    """nn.ReLU(inplace=True) as the model's first module writes into whatever it is given: every method (its
+    unperturbed, perturbed and gradient passes) must give it a copy, not the caller's tensor or a grad leaf."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 3),
+    ).eval()
+    from cnnscope.models import Model
+    from cnnscope.testing.models import IDENTITY_PREPROCESS
+
+    model = Model(module, labels=list("abc"), preprocess=IDENTITY_PREPROCESS, name="inplace-first")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # negative pixels: ReLU changes them
+    kept = images.clone()
+    explanation = cnnscope.get_method(name)(model, **light(name))(images, "top1")
+    assert torch.equal(images, kept)
+    assert torch.isfinite(explanation.maps).all()
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_train_mode_and_grads_and_requires_grad_are_restored(name):
     model = tiny_model()
     module = model.module
