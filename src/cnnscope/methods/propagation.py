@@ -466,7 +466,7 @@ class PropagationMode(TorchFunctionMode):
         return self.relevance(call, x, relevance, self.excitation_terms)
 
     def excitation_terms(self, call: WeightedCall, x: Tensor) -> list:
-        xp = x.clamp_min(0)  # P stays a probability where a layer's input has negative values
+        xp = x.clamp_min(0) if bool(x.amin() < 0) else x  # P stays a probability where an input is negative
         terms = []
         weights = [(call.weight.clamp_min(0), 1.0)]
         if self.contrastive and call.index == len(self.weighted) - 1:
@@ -515,8 +515,9 @@ class PropagationMode(TorchFunctionMode):
         pos, neg = w.clamp_min(0), w.clamp_max(0)
         bpos = None if b is None else b.clamp_min(0)
         bneg = None if b is None else b.clamp_max(0)
-        xp = x.clamp_min(0)
-        xn = x - xp if bool((x < 0).any()) else None  # ReLU inputs: the negative branches vanish
+        negative = bool(x.amin() < 0)  # one reduction; ReLU outputs have none, and their branches vanish
+        xp = x.clamp_min(0) if negative else x
+        xn = x - xp if negative else None
         if rule in ("zplus", "alpha1-beta0", "alpha2-beta1"):
             alpha, beta = (2.0, 1.0) if rule == "alpha2-beta1" else (1.0, 0.0)
             up = inverse(z(xp, pos, bpos) + (z(xn, neg) if xn is not None else 0))
