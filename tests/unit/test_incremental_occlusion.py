@@ -230,7 +230,7 @@ def test_a_residual_block_stops_the_chain_and_the_map_is_still_right(first):
 
 
 class Stem(nn.Module):
-    """Not a Sequential: its forward could do anything, so nothing is assumed about it."""
+    """Not a Sequential, and a forward fx cannot trace (it branches on the data): nothing is assumed about it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -238,7 +238,107 @@ class Stem(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        x = self.body(x)
+        return self.head(x if bool(x.mean() > -1e9) else -x)
+
+
+class VGGLike(nn.Module):
+    """torchvision's VGG layout: ``features`` (a Sequential) and a classifier called from a custom forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(4)
+        self.classifier = nn.Sequential(nn.Linear(16 * 16, 32), nn.ReLU(), nn.Linear(32, 5))
+        with torch.no_grad():  # weights that keep the activations' scale, so a patch moves the logits well above
+            for layer in self.modules():  # float rounding
+                if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                    layer.weight.mul_(2.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+class ResNetLike(nn.Module):
+    """A ResNet's layout: a stem of modules, then a residual block written in the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(10)
+        self.conv1 = nn.Conv2d(3, 8, 5, stride=2, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.relu(x + self.block(x))  # the stem's output goes two ways: the chain ends there
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("build", [VGGLike, ResNetLike], ids=["vgg-like", "resnet-like"])
+def test_a_traced_forward_runs_its_leading_modules_incrementally(build):
+    """Models with their own forward: fx finds the modules that take the input one after the other, and the rest
+    of the traced graph runs on the full tensors; the maps equal the plain path's."""
+    module = build().eval()
+    if isinstance(module, ResNetLike):
+        module = _calibrate_norms(module, (3, 64, 64), 11)
+    model = as_model(module, (64, 64), 3)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+    plan = plan_for(model, (64, 64), (8, 8))
+    assert plan is not None and plan.finish is not None and plan.rest == []
+    expected = 8 if isinstance(module, VGGLike) else 4  # every features layer / the stem up to the residual block
+    assert len(plan.steps) == expected
+    incremental, plain = both(model, images, target="top1", window=8, stride=4, fill="zero", score="logit")
+    assert incremental.stats["incremental"] == [True, True]
+    assert_same_map(incremental, plain)
+
+
+def test_a_chain_that_saves_little_of_the_forward_keeps_the_plain_path():
+    """A cheap stem before an expensive body: cropping the stem would save under MIN_SAVED of the multiply-adds,
+    and the crops and pastes cost about that, so the plan is not used (the map is the plain path's)."""
+    from cnnscope.methods.incremental import MIN_SAVED, saved_share
+
+    torch.manual_seed(14)
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), Residual(4), nn.Conv2d(4, 64, 3, padding=1), nn.ReLU()
+    )
+    module = nn.Sequential(*module, nn.Conv2d(64, 64, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = as_model(module.eval(), (32, 32), 3)
+    assert plan_for(model, (32, 32), (8, 8)) is None
+    vgg = as_model(VGGLike().eval(), (64, 64), 3)
+    plan = plan_for(vgg, (64, 64), (8, 8))
+    assert saved_share(vgg, plan.steps, (64, 64)) > 0.5 > MIN_SAVED
+
+
+def test_a_hook_anywhere_in_a_traced_model_keeps_the_plain_path():
+    """The traced graph runs the modules it traced through without their hooks: a hooked container (here the
+    classifier) must see its forward, so the model takes the plain path, and the hook runs."""
+    model = as_model(VGGLike().eval(), (64, 64), 3)
+    model.calls()
+    seen = []
+    handle = model.module.classifier.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    try:
+        assert plan_for(model, (64, 64), (8, 8)) is None
+        images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(13))
+        explanation = Occlusion(model, window=16, stride=16, quiet=True)(images, 0)
+        assert explanation.stats["incremental"] == [False]
+        assert sum(seen) >= 16 + 1  # every occluded copy and the image itself
+    finally:
+        handle.remove()
 
 
 def script(module: nn.Module) -> torch.jit.ScriptModule:
@@ -256,7 +356,7 @@ def _stem_with(first: nn.Module, channels: int = 6) -> nn.Module:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: Stem().eval(),  # a custom module
+        lambda: Stem().eval(),  # a custom module fx cannot trace
         lambda: script(_stem_with(nn.Conv2d(3, 6, 3, stride=2, padding=1))),  # TorchScript
         lambda: _stem_with(nn.Conv2d(3, 6, 3, stride=2, padding=1, padding_mode="reflect")),  # not zero padding
         lambda: nn.Sequential(  # a batch norm without running statistics normalizes each batch: not local

@@ -12,20 +12,27 @@ Boxes have one size per layer (a position near a border has its box moved inward
 box would cover more than :data:`FULL_FRACTION` of its layer's output, or a non-local module comes, the rest of
 the network gets full tensors: the image's activation with each position's box pasted in.
 
-It applies to a model whose module is an ``nn.Sequential`` (nested ones are followed) starting with
-convolutions (any stride, dilation, groups; zero padding, also ``"same"``), max and average pooling (no
-``ceil_mode``), eval-mode batch norm with running statistics, element-wise activations and dropout (eval);
+It applies to a model whose module is an ``nn.Sequential`` (nested ones are followed), or whose forward
+``torch.fx`` can trace (VGG, a ResNet's stem, most 3-D CNNs), starting with convolutions (any stride, dilation,
+groups; zero padding, also ``"same"``), max and average pooling (no ``ceil_mode``), eval-mode batch norm with
+running statistics, element-wise activations and dropout (eval);
 the module types must be exactly these (a subclass may change ``forward``) and carry no hooks. Anything else
-(a TorchScript module, another padding mode, a residual block first) gives ``None`` from :func:`plan_for`, and
-the caller runs its plain batched forward: the same maps, to float rounding.
+(a TorchScript module, another padding mode, a residual block first, a forward fx cannot trace, a traced model
+with a hook on any module, whose hooks the traced graph would skip) gives ``None`` from :func:`plan_for`, and
+the caller runs its plain batched forward: the same maps, to float rounding. A traced model runs the rest of its
+graph, after the chain, with ``torch.fx.Interpreter`` (the same calls as its forward).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_globals
@@ -35,6 +42,10 @@ from ..models import Model
 #: A layer whose changed box would cover more than this share of its output is run on full tensors instead
 #: (from there on): cropping then saves little and the crops' copies cost more.
 FULL_FRACTION = 0.5
+
+#: The plan is used only when its crops skip at least this share of the model's multiply-adds (convolutions and
+#: linear layers): below it (a ResNet's stem alone, 6% of resnet18's) the crops and pastes cost about what they save.
+MIN_SAVED = 0.25
 
 #: Modules that act on each element (or each channel's elements) alone, once in eval mode.
 POINTWISE: tuple[type[nn.Module], ...] = (
@@ -200,6 +211,8 @@ class Plan:
     steps: list[Step]
     rest: list[nn.Module]
     window: tuple[int, ...]
+    #: for a traced model: the rest of its graph from the last step's output (``rest`` is then empty)
+    finish: Callable[[torch.Tensor], Any] | None = None
 
     def prepare(self, image: torch.Tensor) -> Prepared:
         """The image's own activations: each window layer's input, padded as the layer pads it, and the output
@@ -249,6 +262,8 @@ class Prepared:
                 full[(row, slice(None), *_box(start, patch.shape[2:]))] = patch[row]
             for module in plan.rest:
                 full = module(full)
+            if plan.finish is not None:
+                full = plan.finish(full)
         model = plan.model
         return full if isinstance(full, torch.Tensor) and model.output is None else model.select(full)
 
@@ -299,8 +314,12 @@ def plan_for(model: Model, spatial: tuple[int, ...], window: tuple[int, ...]) ->
     if module_globals._global_forward_pre_hooks:
         return None
     leaves = flatten(module)
+    traced = None
     if leaves is None:
-        return None
+        traced = _traced_chain(module)
+        if traced is None:
+            return None
+        leaves = traced[0]
     dims = len(spatial)
     steps: list[Step] = []
     size, box = tuple(spatial), tuple(window)
@@ -324,6 +343,86 @@ def plan_for(model: Model, spatial: tuple[int, ...], window: tuple[int, ...]) ->
         crop = tuple((m - 1) * s + k for m, s, k in zip(new_box, layer.stride, layer.kernel, strict=True))
         steps.append(Step(leaf, layer, new_box, crop, out))
         size, box = out, new_box
-    if not any(step.window is not None for step in steps):
+    if not any(step.window is not None for step in steps) or saved_share(model, steps, spatial) < MIN_SAVED:
         return None
-    return Plan(model, steps, leaves[len(steps) :], tuple(window))
+    if traced is None:
+        return Plan(model, steps, leaves[len(steps) :], tuple(window))
+    _, nodes, graph_module = traced
+    return Plan(model, steps, [], tuple(window), _graph_from(graph_module, nodes[: len(steps)]))
+
+
+def _macs(module: nn.Module, outputs: int) -> int:
+    """Multiply-adds of a convolution or linear layer giving ``outputs`` values (0 for other modules)."""
+    if type(module) in CONVS:
+        return outputs * (module.in_channels // module.groups) * math.prod(_per_axis(module.kernel_size, 1))
+    if isinstance(module, nn.Linear):
+        return outputs * module.in_features
+    return 0
+
+
+def saved_share(model: Model, steps: list[Step], spatial: tuple[int, ...]) -> float:
+    """The share of one forward pass's multiply-adds (convolutions and linear layers, from the model's traced
+    calls, scaled to inputs of size ``spatial``) that the steps' crops do not compute."""
+    try:
+        calls = model.calls()
+    except Exception:  # a model whose calls cannot be listed: assume the plan pays
+        return 1.0
+    traced_size = tuple(model.preprocess.size)  # the calls' shapes are for an input of the preprocessing's size
+    total = 0.0
+    for call in calls:
+        if not call.output_shape or not call.tensor_output:
+            continue
+        try:
+            module = model.module.get_submodule(call.name) if call.name else model.module
+        except AttributeError:
+            continue
+        total += _macs(module, math.prod(call.output_shape[1:]))
+    if len(traced_size) == len(spatial):
+        total *= math.prod(spatial) / max(1, math.prod(traced_size))
+    saved = 0.0
+    for step in steps:
+        if step.window is not None and type(step.module) in CONVS:
+            per_output = _macs(step.module, step.module.out_channels)
+            saved += per_output * (math.prod(step.size) - math.prod(step.box))
+    return saved / total if total > 0 else 1.0
+
+
+def _traced_chain(module: nn.Module) -> tuple[list[nn.Module], list[torch.fx.Node], torch.fx.GraphModule] | None:
+    """The modules that a traceable forward calls first, one after the other on the input alone (each output used
+    by the next call only), their graph nodes and the traced graph; None when fx cannot trace the forward, when
+    any module has a hook (the traced graph does not run the hooks of the modules it traces through), or when
+    the input goes anywhere else first."""
+    if any(_hooked(sub) for sub in module.modules()):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph_module = torch.fx.symbolic_trace(module)
+    except Exception:  # a forward fx cannot follow (data-dependent control flow, ...): the plain path
+        return None
+    inputs = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
+    if len(inputs) != 1:
+        return None
+    leaves: list[nn.Module] = []
+    nodes: list[torch.fx.Node] = []
+    current = inputs[0]
+    while len(current.users) == 1:
+        (user,) = current.users
+        if user.op != "call_module" or tuple(user.args) != (current,) or user.kwargs:
+            break
+        leaves.append(graph_module.get_submodule(str(user.target)))
+        nodes.append(user)
+        current = user
+    return leaves, nodes, graph_module
+
+
+def _graph_from(graph_module: torch.fx.GraphModule, chain: list[torch.fx.Node]) -> Callable[[torch.Tensor], Any]:
+    """The traced forward from the output of ``chain``'s last node: an fx Interpreter whose environment already
+    holds the chain's nodes (used by nothing after the chain but the last, which holds the full tensors)."""
+
+    def finish(full: torch.Tensor) -> Any:
+        env: dict[torch.fx.Node, Any] = {node: None for node in chain[:-1]}
+        env[chain[-1]] = full
+        return torch.fx.Interpreter(graph_module).run(full, initial_env=env)
+
+    return finish

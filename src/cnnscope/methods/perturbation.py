@@ -322,10 +322,11 @@ class Occlusion(PerturbationMethod):
     image, the (rows, columns) grid of the class that wins when each patch is occluded (-1 where the run
     stopped early). With ``fill="zero"`` and ``score="logit"`` it is Captum's ``Occlusion`` (baselines 0).
 
-    ``incremental`` (the default) computes, for a model that is an ``nn.Sequential`` of convolutions, pooling,
-    eval-mode batch norm and activations first (nested Sequentials followed), only the part of each of those
-    layers that the patch changes (Krypton, Nakandala et al. 2019: :mod:`cnnscope.methods.incremental`): the
-    same maps to float rounding, in a fraction of the time on volumes. Other models, and ``precision="bf16"``,
+    ``incremental`` (the default) computes, for a model whose forward starts with convolutions, pooling,
+    eval-mode batch norm and activations (an ``nn.Sequential``, or a forward ``torch.fx`` traces: VGG, 3-D CNNs),
+    only the part of each of those layers that the patch changes (Krypton, Nakandala et al. 2019:
+    :mod:`cnnscope.methods.incremental`): the same maps to float rounding, in a fraction of the time on volumes.
+    Other models, chains that would skip under a quarter of the forward's multiply-adds, and ``precision="bf16"``
     run the plain batched forward; ``stats["incremental"]`` says which ran."""
 
     summary = "score drop when a sliding patch is occluded (Zeiler & Fergus 2014)"
@@ -338,7 +339,7 @@ class Occlusion(PerturbationMethod):
         score=choice("probability", ("probability", "logit"), "the score whose drop is mapped"),
         seed=SEED,
         incremental=flag(
-            True, "recompute only what the patch changes in a Sequential CNN's first layers (exact; else the full pass)"
+            True, "recompute only what the patch changes in a CNN's first local layers (exact; else the full pass)"
         ),
     )
 
