@@ -3,6 +3,7 @@ one sparse solve per image (the way ROAD's own code and Quantus impute; a Quantu
 image for ROAD). One run, printed as seconds and ratios.
 
     .venv/bin/python bench/evaluate.py [--images 100] [--skip-default]
+    .venv/bin/python bench/evaluate.py --road      # only ROAD: the solver, and where one photo's ROAD time goes
 """
 
 from __future__ import annotations
@@ -84,6 +85,44 @@ def bench_road(side: int, count: int) -> None:
             )
 
 
+def road_breakdown() -> None:
+    """Where ROAD's share of one photo's scoring goes (224 px, EfficientNet-Lite0, the 10 maps and the three
+    baselines, 10-step curves): the imputation of its 130 holes, their forwards, and the rest."""
+    import cnnscope
+    from cnnscope.evaluate import metrics as M
+    from cnnscope.evaluate import road
+    from cnnscope.evaluate.run import _forward_probabilities, _per_pass, score_maps
+    from cnnscope.samples import sample_image
+
+    model = cnnscope.load_model()
+    picture = sample_image("chelsea")[:256, :256]
+    image = model.preprocess([picture])
+    with torch.inference_mode():
+        target = int(model(image).argmax())
+    maps = [cnnscope.explain(model, picture, method=name, target=target).maps[0, 0].float() for name in TEN.split(",")]
+    generator = np.random.default_rng(0)
+    size = tuple(image.shape[-2:])
+    maps += [
+        torch.as_tensor(M.center_map(size), dtype=torch.float32),
+        torch.as_tensor(M.random_map(size, generator), dtype=torch.float32),
+        torch.as_tensor(M.smooth_random_map(size, generator), dtype=torch.float32),
+    ]
+    per_pass = _per_pass(model)
+    score_maps(model, image, maps, target, steps=10, fractions=(), per_pass=per_pass)  # warm-up
+    without, _ = timed(lambda: score_maps(model, image, maps, target, steps=10, fractions=(), per_pass=per_pass))
+    with_road, _ = timed(lambda: score_maps(model, image, maps, target, steps=10, per_pass=per_pass))
+    stack = torch.stack(maps)
+    holes = torch.cat([road.removal_masks(stack, road.FRACTIONS, most_relevant=o).flatten(0, 1) for o in (True, False)])
+    imputing, frames = timed(lambda: road.impute(image.expand(len(holes), -1, -1, -1), holes))
+    forwards, _ = timed(lambda: _forward_probabilities(model, frames, target, per_pass))
+    share = with_road - without
+    print(
+        f"ROAD on one photo ({len(maps)} maps, {len(holes)} holes, 224 px): scoring {without:.1f} s without ROAD, "
+        f"{with_road:.1f} s with it; ROAD's {share:.1f} s: imputation {imputing:.1f} s, the holes' forwards "
+        f"{forwards:.1f} s ({per_pass} a pass), the rest {share - imputing - forwards:.1f} s"
+    )
+
+
 def smoothgrad_choices(images: int) -> None:
     """The table SmoothGrad's defaults were chosen from: aggregation x noise on the demo's shapes."""
     from cnnscope.evaluate import evaluate
@@ -119,6 +158,9 @@ def main() -> None:
         return
     bench_road(64, 20)
     bench_road(224, 4)
+    if args.road:
+        road_breakdown()
+        return
 
     from cnnscope.evaluate import evaluate
     from cnnscope.evaluate.demo import demo_model_and_data

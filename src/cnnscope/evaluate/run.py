@@ -181,10 +181,13 @@ def open_data(
 
 
 def _forward_probabilities(model: Model, frames: torch.Tensor, target: int, per_pass: int) -> np.ndarray:
+    """The target's probability for each frame, ``per_pass`` frames per forward, channels-last as
+    ``faithfulness._outputs`` does (the default model at 224 px, 5 a pass: 30 ms a frame against 37 ms
+    contiguous, best of 3 interleaved; 2 or 1 a pass were no faster)."""
     out = []
     with torch.inference_mode():
         for start in range(0, frames.shape[0], per_pass):
-            chunk = frames[start : start + per_pass]
+            chunk = frames[start : start + per_pass].contiguous(memory_format=torch.channels_last)
             out.append(model.probabilities(model(chunk))[:, target].float().cpu())
     return torch.cat(out).numpy()
 
