@@ -219,7 +219,9 @@ class Plan:
         of the last incremental step, from which the full tensors of the rest are made."""
         padded: list[torch.Tensor | None] = []
         with torch.inference_mode():
-            x = image.clone()  # an in-place first module must not write into the caller's image
+            # two copies of the image (an in-place first module must not write into the caller's): a CPU runs a
+            # one-row 3-D convolution on its slow reference path, two rows on oneDNN's (3x faster here)
+            x = torch.cat([image, image])
             for step in self.steps:
                 if step.window is None:
                     padded.append(None)
@@ -230,9 +232,9 @@ class Plan:
                     for b, a in zip(reversed(step.window.before), reversed(step.window.after), strict=True)
                     for p in (b, a)
                 ]
-                padded.append(F.pad(x, pads, value=step.window.pad_value) if any(pads) else x.clone())
+                padded.append(F.pad(x, pads, value=step.window.pad_value) if any(pads) else x)
                 x = step.window.run(padded[-1])
-            return Prepared(self, padded, x.clone())
+            return Prepared(self, [None if p is None else p[:1].clone() for p in padded], x[:1].clone())
 
 
 @dataclass
