@@ -19,39 +19,6 @@ from _timing import timed
 TEN = "gradcam,gradcam++,xgradcam,layercam,eigencam,saliency,gradxinput,guided-backprop,integrated-gradients,smoothgrad"
 
 
-def sparse_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    """The noise-free imputation by one scipy sparse solve (the definition; ROAD's reference approach)."""
-    import scipy.sparse as sparse
-    import scipy.sparse.linalg as linalg
-
-    height, width = removed.shape
-    index = -np.ones((height, width), dtype=np.int64)
-    ys, xs = np.nonzero(removed)
-    index[ys, xs] = np.arange(len(ys))
-    rows, cols, values = [], [], []
-    rhs = np.zeros((len(ys), image.shape[0]))
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if not (dy or dx):
-                continue
-            weight = 1 / 12 if dy and dx else 1 / 6
-            yy, xx = ys + dy, xs + dx
-            inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
-            n = np.nonzero(inside)[0]
-            rows.append(n), cols.append(n), values.append(np.full(len(n), weight))  # diagonal share
-            neighbour = index[yy[inside], xx[inside]]
-            unknown = neighbour >= 0
-            rows.append(n[unknown]), cols.append(neighbour[unknown]), values.append(np.full(unknown.sum(), -weight))
-            known = ~unknown
-            np.add.at(rhs, n[known], weight * image[:, yy[inside][known], xx[inside][known]].T)
-    matrix = sparse.csc_matrix(
-        (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))), shape=(len(ys), len(ys))
-    )
-    out = image.copy()
-    out[:, ys, xs] = linalg.spsolve(matrix, rhs).T
-    return out
-
-
 def bench_road(side: int, count: int) -> None:
     """ROAD's imputation three ways on the same holes: cnnscope's (a multigrid V-cycle or Jacobi per hole,
     by its shape), Jacobi-preconditioned CG for every hole (the solver before the V-cycle), and one scipy
@@ -74,7 +41,7 @@ def bench_road(side: int, count: int) -> None:
             ours, got = timed(lambda h=holes: road.impute(batch, h, noise=0.0))
             jacobi, old = timed(lambda k=kept, h=holes: k + road._nested(k, h.float(), 1e-4, 2000))
             pairs = list(zip(batch.double().numpy(), holes[:, 0].numpy(), strict=True))
-            reference_seconds, reference = timed(lambda p=pairs: [sparse_imputation(b, m) for b, m in p])
+            reference_seconds, reference = timed(lambda p=pairs: [road.exact_imputation(b, m) for b, m in p])
             error = max(float(np.abs(got[i].numpy() - reference[i]).max()) for i in range(len(batch)))
             old_error = max(float(np.abs(old[i].numpy() - reference[i]).max()) for i in range(len(batch)))
             print(

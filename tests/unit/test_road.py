@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sparse
-import scipy.sparse.linalg as sparse_linalg
 import torch
 import torch.nn.functional as F
 
@@ -14,36 +12,6 @@ from cnnscope.evaluate import road
 from cnnscope.evaluate.road import impute, removal_masks
 
 STENCIL = torch.tensor([[1.0, 2.0, 1.0], [2.0, 0.0, 2.0], [1.0, 2.0, 1.0]]) / 12
-
-
-def _exact(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    """The noise-free imputation by one sparse solve (the paper's system, vectorized over the pixels)."""
-    height, width = removed.shape
-    index = -np.ones((height, width), dtype=np.int64)
-    ys, xs = np.nonzero(removed)
-    index[ys, xs] = np.arange(len(ys))
-    rows, cols, values = [], [], []
-    rhs = np.zeros((len(ys), image.shape[0]))
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if not (dy or dx):
-                continue
-            weight = 1 / 12 if dy and dx else 1 / 6
-            yy, xx = ys + dy, xs + dx
-            inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
-            n = np.nonzero(inside)[0]
-            rows.append(n), cols.append(n), values.append(np.full(len(n), weight))
-            neighbour = index[yy[inside], xx[inside]]
-            unknown = neighbour >= 0
-            rows.append(n[unknown]), cols.append(neighbour[unknown]), values.append(np.full(unknown.sum(), -weight))
-            known = ~unknown
-            np.add.at(rhs, n[known], weight * image[:, yy[inside][known], xx[inside][known]].T)
-    matrix = sparse.csc_matrix(
-        (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))), shape=(len(ys), len(ys))
-    )
-    out = image.copy()
-    out[:, ys, xs] = sparse_linalg.spsolve(matrix, rhs).T
-    return out
 
 
 def _photo_like(side: int, seed: int) -> torch.Tensor:
@@ -114,5 +82,5 @@ def test_reaches_the_exact_solve_at_the_default_tolerance(kind):
     got = impute(image.expand(len(holes), -1, -1, -1), holes, noise=0.0)
     spread = float(image.max() - image.min())
     for k in range(len(holes)):
-        expected = _exact(image[0].double().numpy(), holes[k, 0].numpy())
+        expected = road.exact_imputation(image[0].double().numpy(), holes[k, 0].numpy())
         assert np.abs(got[k].numpy() - expected).max() < 0.002 * spread
