@@ -90,6 +90,11 @@ class PerturbationMethod(Method):
     def make(self, run: Perturbed, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def scored(self, run: Perturbed, start: int, stop: int, kind: str, precision: str) -> torch.Tensor:
+        """The scores of perturbations ``start:stop``: the model on :meth:`make`'s inputs (a method that can
+        score them without making every input, as occlusion's incremental path, overrides this)."""
+        return self.scores(self.make(run, start, stop), kind, precision=precision)
+
     def take(self, run: Perturbed, start: int, scores: torch.Tensor) -> bool | None:
         raise NotImplementedError
 
@@ -134,7 +139,7 @@ class PerturbationMethod(Method):
             low = high = run.base.clone()
             while not stopped and run.done < run.total:
                 stop = min(run.total, run.done + per)
-                scores = self.scores(self.make(run, run.done, stop), kind, precision=precision)
+                scores = self.scored(run, run.done, stop, kind, precision)
                 forwards += 1
                 picked = run.picked(scores)
                 low, high = torch.minimum(low, picked.amin(0)), torch.maximum(high, picked.amax(0))
@@ -343,11 +348,6 @@ class Occlusion(PerturbationMethod):
         ),
     )
 
-    def __init__(self, *args, **options) -> None:
-        super().__init__(*args, **options)
-        #: occluded batches made by ``make`` and not yet scored, by id: (the batch, its run, first, last position)
-        self._pending: dict[int, tuple[torch.Tensor, Perturbed, int, int]] = {}
-
     def score_kind(self) -> str:
         return str(self.config["score"])
 
@@ -385,23 +385,19 @@ class Occlusion(PerturbationMethod):
         for row, position in enumerate(run.state["positions"][start:stop]):
             box = (slice(None), *self._box(position, run.state["window"]))
             occluded[(row, *box)] = fill[(0, *box)]
-        if self.config["incremental"]:
-            self._pending[id(occluded)] = (occluded, run, start, stop)
         return occluded
 
-    def scores(self, inputs: torch.Tensor, kind: str, *, precision: str = "fp32") -> torch.Tensor:
-        """The scores of a batch made by ``make``: incrementally where the model allows it (the same numbers
-        to float rounding), else (and for any other inputs) by the plain forward."""
-        pending = self._pending.pop(id(inputs), None)
-        if pending is None or pending[0] is not inputs or precision != "fp32":
-            return super().scores(inputs, kind, precision=precision)
-        _, run, start, stop = pending
+    def scored(self, run, start, stop, kind, precision):
+        """Incrementally where the model allows it (the same numbers to float rounding, without making the
+        occluded inputs), else the plain forward on :meth:`make`'s."""
+        if not self.config["incremental"] or precision != "fp32":
+            return super().scored(run, start, stop, kind, precision)
         if "incremental" not in run.state:
             plan = plan_for(self.model, tuple(int(n) for n in run.image.shape[2:]), run.state["window"])
             run.state["incremental"] = None if plan is None else plan.prepare(run.image)
         prepared = run.state["incremental"]
         if prepared is None:
-            return super().scores(inputs, kind, precision=precision)
+            return super().scored(run, start, stop, kind, precision)
         outputs = prepared.outputs(run.state["fill"], run.state["positions"][start:stop])
         return self.as_scores(outputs, kind)
 
@@ -420,8 +416,6 @@ class Occlusion(PerturbationMethod):
         run.maps = run.state["sums"] / counts.clamp_min(1)
         run.extra["winners"] = run.state["winners"].view(*run.state["grid"]).tolist()
         run.extra["incremental"] = run.state.get("incremental") is not None
-        for key in [key for key, pending in self._pending.items() if pending[1] is run]:  # a batch never scored
-            del self._pending[key]
 
 
 @register_method("rise")
