@@ -487,7 +487,7 @@ class PropagationMode(TorchFunctionMode):
         on R, so they are worked out once per call and reused for every target."""
         if "terms" not in call.cache:
             with torch.no_grad():
-                call.cache["terms"] = terms_of(call, x)
+                call.cache["terms"] = terms_of(call, x.detach())  # no graph: a cache must not hold one
         total = None
         for factor, inp, weight, inverse, coefficient in call.cache["terms"]:
             part = call.input_grad(inp, weight, relevance * inverse)  # a new tensor: scaled in place
@@ -609,6 +609,7 @@ class PropagationMode(TorchFunctionMode):
                     if positive:
                         inputs = [x.clamp_min(0) for x in inputs]
                         out = compute(*inputs)
+                    inputs = [x.detach() for x in inputs]  # no graph in the cache (it would keep the graph alive)
                     cache["inputs"], cache["inverse"] = inputs, 1.0 / stabilize(out, stab)
             inputs = cache["inputs"]
             grads = _vjp(compute, list(inputs), grad * cache["inverse"])

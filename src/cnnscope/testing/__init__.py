@@ -6,6 +6,7 @@ from .checks import (
     check_cleanup_on_error,
     check_deterministic,
     check_method,
+    check_nothing_kept,
     check_untouched,
 )
 from .models import QuadrantNet, TinyCNN, TinyViT, quadrant_masks, quadrant_model, tiny_model, tiny_vit
@@ -19,6 +20,7 @@ __all__ = [
     "check_cleanup_on_error",
     "check_deterministic",
     "check_method",
+    "check_nothing_kept",
     "check_untouched",
     "quadrant_masks",
     "quadrant_model",

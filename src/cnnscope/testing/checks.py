@@ -7,6 +7,8 @@ registers a method can run them too.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -120,6 +122,34 @@ def check_cleanup_on_error(method: Callable[[torch.Tensor], object], model: Mode
     assert not problems, "after an exception inside the forward: " + "; ".join(problems)
 
 
+def check_nothing_kept(method: Callable[[torch.Tensor], object], model: Model, inputs: torch.Tensor) -> None:
+    """No tensor that the model's layers output during the call is alive once the call's result is dropped.
+    A method that keeps one (a cache holding a tensor of the autograd graph, whose nodes refer back to the
+    cache: a cycle Python's garbage collector cannot see through) keeps every activation of every call, and
+    a dataset's worth of calls runs out of memory."""
+    kept: list[weakref.ref] = []
+
+    def keep(module, args, output):
+        for value in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(value, torch.Tensor):
+                kept.append(weakref.ref(value))
+
+    leaves = [sub for name, sub in model.module.named_modules() if name and not any(sub.children())]
+    handles = [sub.register_forward_hook(keep) for sub in leaves or [model.module]]
+    try:
+        result = method(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    del result
+    gc.collect()
+    alive = sum(ref() is not None for ref in kept)
+    assert alive == 0, (
+        f"{alive} of the {len(kept)} tensors the model's layers output during the call are still alive after it "
+        "(a reference cycle through the autograd graph, or a cache that holds them)"
+    )
+
+
 def check_batched_equals_single(
     method: Callable[[torch.Tensor], Explanation],
     inputs: torch.Tensor,
@@ -201,5 +231,6 @@ def check_method(
     assert torch.isfinite(explanation.raw).all(), "the maps contain NaN or infinity"
     check_scores(explanation, model, inputs, target, threshold)
     check_cleanup_on_error(run, model, inputs)
+    check_nothing_kept(run, model, inputs)
     check_batched_equals_single(run, inputs)
     check_deterministic(run, inputs)
