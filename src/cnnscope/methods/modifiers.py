@@ -37,19 +37,28 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default):
     return kwargs.get(name, default)
 
 
-# Each entry: function -> builder(args, kwargs) -> (out-of-place f(x), derivative f'(x) or None for autograd)
+# Each entry: function -> builder(args, kwargs) -> (out-of-place f(x), derivative f'(x) or None for autograd).
+# The derivatives of the clamps are their own backward kernels applied to ones: one pass over x.
+def _ones(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones((), dtype=x.dtype, device=x.device).expand_as(x)
+
+
 def _relu(args, kwargs):
-    return torch.relu, lambda x: (x > 0).to(x.dtype)
+    return torch.relu, lambda x: torch.ops.aten.threshold_backward(_ones(x), x, 0)
+
+
+def _clamp_slope(low: float, high: float):
+    return lambda x: torch.ops.aten.hardtanh_backward(_ones(x), x, low, high)
 
 
 def _hardtanh(args, kwargs):
     low = float(_arg(args, kwargs, 1, "min_val", -1.0))
     high = float(_arg(args, kwargs, 2, "max_val", 1.0))
-    return (lambda x: F.hardtanh(x, low, high)), (lambda x: ((x > low) & (x < high)).to(x.dtype))
+    return (lambda x: F.hardtanh(x, low, high)), _clamp_slope(low, high)
 
 
 def _relu6(args, kwargs):
-    return (lambda x: F.hardtanh(x, 0.0, 6.0)), (lambda x: ((x > 0) & (x < 6)).to(x.dtype))
+    return (lambda x: F.hardtanh(x, 0.0, 6.0)), _clamp_slope(0.0, 6.0)
 
 
 def _leaky(args, kwargs):
@@ -87,6 +96,10 @@ ACTIVATIONS: dict[Callable, Callable] = {
     F.elu: _smooth(F.elu),
     F.mish: _smooth(F.mish),
 }
+
+#: The builders above whose function is piecewise linear: where x and x' differ at all, the secant
+#: (f(x) - f(x')) / (x - x') is a value between the slopes of the pieces, computed without amplifying rounding
+PIECEWISE_LINEAR = {_relu, _relu6, _hardtanh, _leaky}
 
 #: Activation calls left on their plain gradient (gates and saturating functions have no positive/negative
 #: rule in the papers); they are named in a warning, so nobody mistakes the result for a fully guided one.

@@ -43,7 +43,7 @@ from ..options import Options, anything, choice, flag, number
 from ..progress import check_cancelled
 from .base import Computed, register_method
 from .gradient import REDUCE, SEED, GradientMethod, gaussian_blur
-from .modifiers import ACTIVATIONS, UNMODIFIED
+from .modifiers import ACTIVATIONS, PIECEWISE_LINEAR, UNMODIFIED
 
 Tensor = torch.Tensor
 
@@ -111,6 +111,23 @@ def stabilize(z: Tensor, epsilon: float) -> Tensor:
     return torch.copysign(z.new_tensor(epsilon), z).add_(z)
 
 
+def _inverse(z: Tensor, epsilon: float) -> Tensor:
+    """1 / stabilize(z, epsilon)."""
+    return stabilize(z, epsilon).reciprocal_()
+
+
+#: Calls whose bias is one value per output channel, the first axis of their weight.
+OUT_FIRST = {torch.conv1d, torch.conv2d, torch.conv3d, F.linear}
+
+
+def _shifted(call, x: Tensor, weight: Tensor, bias: Tensor | None, shift: float) -> Tensor:
+    """z(x; weight, bias) + shift, the shift added as part of the bias (no pass of its own) where it can be."""
+    if call.func in OUT_FIRST:
+        bias = weight.new_full((weight.shape[0],), shift) if bias is None else bias + shift
+        return call.apply(x, weight, bias)
+    return call.apply(x, weight, bias).add_(shift)
+
+
 def _tensors(obj, found: list) -> list:
     """The tensors in a call's arguments or result (in lists, tuples and dicts, at any depth), in order."""
     if isinstance(obj, Tensor):
@@ -156,6 +173,20 @@ class _Scaled(torch.autograd.Function):
         return grad * ctx.multiplier, None, None
 
 
+class _Pass(torch.autograd.Function):
+    """Forward: ``compute(x)`` (out of place, the shape of x); backward: what flows back, unchanged. Saves
+    nothing: the relevance of an activation, a BatchNorm merged into the layer before it or an output softmax."""
+
+    @staticmethod
+    def forward(ctx, compute, x):
+        with torch.no_grad():
+            return compute(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
 class _Rule(torch.autograd.Function):
     """Forward: ``compute(*inputs)`` as usual (out of place); backward: ``backward(saved, grad)``."""
 
@@ -187,6 +218,8 @@ class WeightedCall:
     rule: str
     index: int
     last: bool = False
+    #: whether the call's input is known to have no negative value (then no pass over it is needed to find out)
+    nonneg: bool = False
     #: z of the rules that divide by the layer's own output (epsilon, zero, gamma, z-box): the call's output from
     #: the forward pass, or the merged BatchNorm's output, so that the backward pass need not compute it again
     output: Tensor | None = None
@@ -272,6 +305,9 @@ class PropagationMode(TorchFunctionMode):
         self.eps = eps
         self.tainted: dict[int, weakref.ref] = {}
         self.gates: dict[int, weakref.ref] = {}
+        #: tensors known to have no negative value (a ReLU's output, padded with zeros, pooled, reshaped): the
+        #: rules' terms for negative inputs vanish there, without a pass over the tensor to find out
+        self.nonneg: dict[int, weakref.ref] = {}
         self.producers: dict[int, tuple[weakref.ref, WeightedCall]] = {}
         self.weighted: list[WeightedCall] = []
         self.uncovered: dict[str, int] = {}
@@ -319,6 +355,13 @@ class PropagationMode(TorchFunctionMode):
             self.mark(out)
         if func in GATES and isinstance(result, Tensor):
             self.mark(result, self.gates)
+        if (
+            func in KEEP_SIGN
+            and isinstance(result, Tensor)
+            and self.has(args[0], self.nonneg)
+            and _keeps_sign(func, args, kwargs)
+        ):
+            self.mark(result, self.nonneg)
         if self.twins is not None:
             self.shadow(func, args, kwargs, result, outputs, before)
         return result
@@ -415,7 +458,7 @@ class PropagationMode(TorchFunctionMode):
         if func in SOFTMAXES and self.kind != "deeplift" and self.has(x):
             # an output softmax passes the relevance of a probability on to its logit (conserved)
             rest = args[1:]
-            return _Rule.apply(lambda t: func(t, *rest, **kwargs), lambda inputs, out, grad: (grad,), x)
+            return _Pass.apply(lambda t: func(t, *rest, **kwargs), x)
         if func in UNCOVERED:
             self.uncovered[UNCOVERED[func]] = self.uncovered.get(UNCOVERED[func], 0) + 1
         if self.has(x):  # the rules' outputs are saved for their backward: never change them in place
@@ -442,6 +485,7 @@ class PropagationMode(TorchFunctionMode):
             func, weight.detach(), None if bias is None else bias.detach(), rest, extra, "", len(self.weighted)
         )
         call.rule = self.rule_for(func, call.index) if self.kind == "lrp" else "excitation"
+        call.nonneg = self.has(x, self.nonneg)
         self.weighted.append(call)
         if self.kind == "deeplift":
             return func(*args, **kwargs)
@@ -466,14 +510,13 @@ class PropagationMode(TorchFunctionMode):
         return self.relevance(call, x, relevance, self.excitation_terms)
 
     def excitation_terms(self, call: WeightedCall, x: Tensor) -> list:
-        xp = x.clamp_min(0) if bool(x.amin() < 0) else x  # P stays a probability where an input is negative
+        xp = x.clamp_min(0) if _negative(call, x) else x  # P stays a probability where an input is negative
         terms = []
         weights = [(call.weight.clamp_min(0), 1.0)]
         if self.contrastive and call.index == len(self.weighted) - 1:
             weights.append(((-call.weight).clamp_min(0), -1.0))
         for weight, coefficient in weights:
-            z = call.apply(xp, weight, None)
-            terms.append((xp, xp, weight, 1.0 / (z + 1e-20), coefficient))
+            terms.append((xp, xp, weight, _shifted(call, xp, weight, None, 1e-20), coefficient, True))
         return terms
 
     def lrp_relevance(self, call: WeightedCall, x: Tensor, out: Tensor, relevance: Tensor) -> Tensor:
@@ -483,14 +526,15 @@ class PropagationMode(TorchFunctionMode):
 
     @staticmethod
     def relevance(call: WeightedCall, x: Tensor, relevance: Tensor, terms_of) -> Tensor:
-        """sum over the rule's terms of coefficient * factor * W_t^T (R * inverse_t): the terms do not depend
-        on R, so they are worked out once per call and reused for every target."""
+        """sum over the rule's terms of coefficient * factor * W_t^T (R / denominator_t) (or R * inverse_t): the
+        terms do not depend on R, so they are worked out once per call and reused for every target."""
         if "terms" not in call.cache:
             with torch.no_grad():
                 call.cache["terms"] = terms_of(call, x.detach())  # no graph: a cache must not hold one
         total = None
-        for factor, inp, weight, inverse, coefficient in call.cache["terms"]:
-            part = call.input_grad(inp, weight, relevance * inverse)  # a new tensor: scaled in place
+        for factor, inp, weight, scale, coefficient, divide in call.cache["terms"]:
+            seed = relevance / scale if divide else relevance * scale
+            part = call.input_grad(inp, weight, seed)  # a new tensor: scaled in place
             if factor is not None:
                 part = part.mul_(factor) if part.shape == factor.shape else part * factor
             if coefficient != 1.0:
@@ -499,32 +543,36 @@ class PropagationMode(TorchFunctionMode):
         return total
 
     def lrp_terms(self, call: WeightedCall, x: Tensor) -> list:
-        """Zennit's rules as terms (factor, input, weight, 1 / stabilized denominator, coefficient)."""
+        """Zennit's rules as terms (factor, input, weight, stabilized denominator, coefficient, True), or with
+        the denominator's inverse and False (the gamma rule's, masked by the output's sign). Where the sign of a
+        denominator is known (z+ of non-negative parts), its stabilizer is added as a bias, in the same pass."""
         rule, w, b = call.rule, call.weight, call.bias
         stab = self.stabilizer
-
-        def inverse(z, eps=stab):
-            return stabilize(z, eps).reciprocal_()
 
         def z(inp, weight, bias=None):
             return call.apply(inp, weight, bias)
 
         own = call.output if call.output is not None else z(x, w, b)  # z(x, w, b) from the forward pass
         if rule in ("epsilon", "zero"):
-            return [(x, x, w, inverse(own, self.epsilon if rule == "epsilon" else 1e-12), 1.0)]
+            return [(x, x, w, stabilize(own, self.epsilon if rule == "epsilon" else 1e-12), 1.0, True)]
         pos, neg = w.clamp_min(0), w.clamp_max(0)
         bpos = None if b is None else b.clamp_min(0)
         bneg = None if b is None else b.clamp_max(0)
-        negative = bool(x.amin() < 0)  # one reduction; ReLU outputs have none, and their branches vanish
+        negative = _negative(call, x)  # ReLU outputs have none, and their branches vanish
         xp = x.clamp_min(0) if negative else x
         xn = x - xp if negative else None
         if rule in ("zplus", "alpha1-beta0", "alpha2-beta1"):
             alpha, beta = (2.0, 1.0) if rule == "alpha2-beta1" else (1.0, 0.0)
-            up = inverse(z(xp, pos, bpos) + (z(xn, neg) if xn is not None else 0))
-            terms = [(xp, xp, pos, up, alpha)] + ([(xn, xn, neg, up, alpha)] if xn is not None else [])
+            up = _shifted(call, xp, pos, bpos, stab)  # >= 0: stabilized by + stab, as Zennit's
+            if xn is not None:
+                up = up.add_(z(xn, neg))
+            terms = [(xp, xp, pos, up, alpha, True)] + ([(xn, xn, neg, up, alpha, True)] if xn is not None else [])
             if beta:
-                down = inverse(z(xp, neg, bneg) + (z(xn, pos) if xn is not None else 0))
-                terms += [(xp, xp, neg, down, -beta)] + ([(xn, xn, pos, down, -beta)] if xn is not None else [])
+                down = _shifted(call, xp, neg, bneg, -stab)  # <= 0 (where it is 0 its terms are 0 as well)
+                if xn is not None:
+                    down = down.add_(z(xn, pos))
+                terms += [(xp, xp, neg, down, -beta, True)]
+                terms += [(xn, xn, pos, down, -beta, True)] if xn is not None else []
             return terms
         if rule == "gamma":
             g = self.gamma
@@ -532,16 +580,16 @@ class PropagationMode(TorchFunctionMode):
             bp = None if b is None else b + g * bpos
             bn = None if b is None else b + g * bneg
             original = own
-            up = (original > 0).to(x.dtype) * inverse(z(xp, wp, bp) + (z(xn, wn) if xn is not None else 0))
-            down = (original < 0).to(x.dtype) * inverse(z(xp, wn, bn) + (z(xn, wp) if xn is not None else 0))
-            terms = [(xp, xp, wp, up, 1.0), (xp, xp, wn, down, 1.0)]
+            up = (original > 0).to(x.dtype) * _inverse(z(xp, wp, bp) + (z(xn, wn) if xn is not None else 0), stab)
+            down = (original < 0).to(x.dtype) * _inverse(z(xp, wn, bn) + (z(xn, wp) if xn is not None else 0), stab)
+            terms = [(xp, xp, wp, up, 1.0, False), (xp, xp, wn, down, 1.0, False)]
             if xn is not None:
-                terms += [(xn, xn, wn, up, 1.0), (xn, xn, wp, down, 1.0)]
+                terms += [(xn, xn, wn, up, 1.0, False), (xn, xn, wp, down, 1.0, False)]
             return terms
         if rule in ("flat", "wsquare"):
             ones = torch.ones_like(x)
             weight = torch.ones_like(w) if rule == "flat" else w * w
-            return [(None, ones, weight, inverse(z(ones, weight)), 1.0)]
+            return [(None, ones, weight, stabilize(z(ones, weight), stab), 1.0, True)]
         if rule == "zbox":
             if self.bounds is None or x.ndim != self.bounds[0].ndim or self.bounds[0].shape[1] != x.shape[1]:
                 raise MethodError(
@@ -549,8 +597,8 @@ class PropagationMode(TorchFunctionMode):
                     "preprocessing's range); set it on the first convolution only"
                 )
             low, high = (bound.expand_as(x) for bound in self.bounds)
-            s = inverse(own - z(low, pos, bpos) - z(high, neg, bneg))
-            return [(x, x, w, s, 1.0), (low, low, pos, s, -1.0), (high, high, neg, s, -1.0)]
+            s = stabilize(own - z(low, pos, bpos) - z(high, neg, bneg), stab)
+            return [(x, x, w, s, 1.0, True), (low, low, pos, s, -1.0, True), (high, high, neg, s, -1.0, True)]
         raise MethodError(f"unknown LRP rule {rule!r}; choose one of {', '.join(RULES)}")
 
     # -- batch norm, averages, sums, products
@@ -576,9 +624,8 @@ class PropagationMode(TorchFunctionMode):
         else:
             producer = None
         others = [a.detach() if isinstance(a, Tensor) else a for a in args[1:]]
-        out = _Rule.apply(
-            lambda inp: func(inp, *others, **kwargs), lambda inputs, out, grad: (grad,), x
-        )  # Zennit / TorchRay: a BatchNorm passes relevance through (after the merge above)
+        out = _Pass.apply(lambda inp: func(inp, *others, **kwargs), x)  # Zennit / TorchRay: a BatchNorm passes
+        # relevance through (after the merge above)
         if producer is not None:  # the merged layer's output: BatchNorm(conv(x)) = conv(x; merged weights)
             producer[1].output = out.detach()
         return out
@@ -588,8 +635,9 @@ class PropagationMode(TorchFunctionMode):
             return func(*args, **kwargs)
         return self.norm(func, args, kwargs, [0])
 
-    def norm(self, func, args, kwargs, positions: list[int]):
-        """The z-rule on the input-derived arguments at ``positions``: R_i = x_i * d z / d x_i * R / z."""
+    def norm(self, func, args, kwargs, positions: list[int], signs: tuple[int, ...] | None = None):
+        """The z-rule on the input-derived arguments at ``positions``: R_i = x_i * d z / d x_i * R / z. With
+        ``signs`` (a sum or difference of same-shape tensors) d z / d x_i is that sign, not worked out."""
         stab = self.stabilizer if self.kind == "lrp" else 1e-20
         args = list(args)
         tracked = [args[p] for p in positions]
@@ -604,15 +652,20 @@ class PropagationMode(TorchFunctionMode):
         cache: dict = {}
 
         def backward(inputs, out, grad):
-            if "inverse" not in cache:
+            if "denominator" not in cache:
                 with torch.no_grad():
                     if positive:
                         inputs = [x.clamp_min(0) for x in inputs]
                         out = compute(*inputs)
                     inputs = [x.detach() for x in inputs]  # no graph in the cache (it would keep the graph alive)
-                    cache["inputs"], cache["inverse"] = inputs, 1.0 / stabilize(out, stab)
+                    cache["inputs"], cache["denominator"] = inputs, stabilize(out, stab)
             inputs = cache["inputs"]
-            grads = _vjp(compute, list(inputs), grad * cache["inverse"])
+            seed = grad / cache["denominator"]
+            if signs is not None:
+                with torch.no_grad():
+                    parts = [x * seed for x in inputs]
+                    return tuple(part if sign > 0 else part.neg_() for part, sign in zip(parts, signs, strict=True))
+            grads = _vjp(compute, list(inputs), seed)
             return tuple(x * g for x, g in zip(inputs, grads, strict=True))
 
         return _Rule.apply(compute, backward, *tracked)
@@ -624,7 +677,10 @@ class PropagationMode(TorchFunctionMode):
                 return (torch.add if func is Tensor.add_ else torch.sub)(*args, **kwargs)
             return func(*args, **kwargs)
         plain = {Tensor.add_: torch.add, Tensor.__iadd__: torch.add, Tensor.sub_: torch.sub, Tensor.__isub__: torch.sub}
-        return self.norm(plain.get(func, func), args, kwargs, positions)
+        signs = None
+        if args[0].shape == args[1].shape and func is not Tensor.__rsub__:
+            signs = (1, -1) if func in DIFFERENCES else (1, 1)
+        return self.norm(plain.get(func, func), args, kwargs, positions, signs)
 
     def scaled(self, func, args, kwargs):
         if self.kind != "lrp":
@@ -691,10 +747,12 @@ class PropagationMode(TorchFunctionMode):
             return None
         x = args[0]
         self.activations += 1
-        if self.kind == "excitation":  # the activation's own gradient: its plain (out-of-place) call
-            return function(x)
-        if self.kind == "lrp":
-            return _Rule.apply(function, lambda inputs, out, grad: (grad,), x)
+        if self.kind != "deeplift":  # excitation backprop: the activation's own gradient (its plain, out-of-place
+            # call); LRP: the relevance passes through
+            out = function(x) if self.kind == "excitation" else _Pass.apply(function, x)
+            if _nonnegative(func, args, kwargs):
+                self.mark(out, self.nonneg)
+            return out
         # DeepLIFT's rescale multiplier (f(x) - f(x')) / (x - x'), the slope f'(x) where x' is within eps of x;
         # it does not depend on what flows back, so it is worked out here, once, from the reference's values
         reference = self.twin(x)
@@ -702,13 +760,18 @@ class PropagationMode(TorchFunctionMode):
             out, twin = function(x), function(reference)
             delta_in = x - reference
             multiplier = (out - twin).div_(delta_in)
-            close = delta_in.abs_() < self.eps
-            if bool(close.any()):
-                if derivative is not None:  # element-wise (cheaper over the whole tensor than indexing the few)
-                    multiplier = torch.where(close, derivative(x.detach()), multiplier)
-                else:
-                    slope = _vjp(function, [x], torch.ones_like(x))[0]
-                    multiplier = torch.where(close, slope, multiplier)
+            if builder in PIECEWISE_LINEAR and derivative is not None:
+                # the secant of a piecewise-linear function is exact wherever x' != x (within eps of x it is the
+                # slope of their piece, a kink between them aside): only x' = x, where it is 0 / 0, takes f'(x)
+                multiplier = torch.where(multiplier.isnan(), derivative(x.detach()), multiplier)
+            else:
+                close = delta_in.abs_() < self.eps
+                if bool(close.any()):
+                    if derivative is not None:  # element-wise (cheaper over the whole tensor than indexing)
+                        multiplier = torch.where(close, derivative(x.detach()), multiplier)
+                    else:
+                        slope = _vjp(function, [x], torch.ones_like(x))[0]
+                        multiplier = torch.where(close, slope, multiplier)
         result = _Scaled.apply(x, out, multiplier)
         self.set_twin(result, twin)
         return result
@@ -742,6 +805,30 @@ class PropagationMode(TorchFunctionMode):
 
 
 RESHAPES = {Tensor.view, Tensor.reshape, torch.reshape}
+#: Calls whose output has no negative value where their input has none (F.pad with a non-negative value)
+KEEP_SIGN = RESHAPES | MAXPOOLS | AVERAGES | {F.pad, torch.flatten, Tensor.flatten, Tensor.contiguous, F.dropout}
+KEEP_SIGN |= {Tensor.__getitem__, torch.squeeze, Tensor.squeeze, Tensor.unsqueeze, torch.unsqueeze}
+
+
+def _keeps_sign(func, args, kwargs) -> bool:
+    """F.pad keeps a non-negative tensor so only with zeros or another non-negative constant."""
+    if func is not F.pad:
+        return True
+    return _arg(args, kwargs, 2, "mode", "constant") == "constant" and (_arg(args, kwargs, 3, "value", None) or 0) >= 0
+
+
+def _negative(call: WeightedCall, x: Tensor) -> bool:
+    """Whether the call's input has a negative value: known from the forward pass, else one reduction."""
+    return not call.nonneg and bool(x.amin() < 0)
+
+
+def _nonnegative(func, args, kwargs) -> bool:
+    """Whether the activation call ``func`` gives no negative value (ReLU, ReLU6, hardtanh from >= 0)."""
+    if func in (F.relu, torch.relu, torch.relu_, F.relu_, Tensor.relu, Tensor.relu_, F.relu6):
+        return True
+    if func in (F.hardtanh, F.hardtanh_):
+        return float(_arg(args, kwargs, 1, "min_val", -1.0)) >= 0
+    return False
 
 
 def _one_row(args: tuple, batch: int) -> tuple:
