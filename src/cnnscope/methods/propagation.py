@@ -487,13 +487,13 @@ class PropagationMode(TorchFunctionMode):
         call.rule = self.rule_for(func, call.index) if self.kind == "lrp" else "excitation"
         call.nonneg = self.has(x, self.nonneg)
         self.weighted.append(call)
-        if self.kind == "deeplift":
-            return func(*args, **kwargs)
 
         def compute(inp):
             return call.apply(inp, weight.detach(), None if bias is None else bias.detach())
 
         def backward(inputs, out, grad):
+            if self.kind == "deeplift":  # a linear layer's multiplier is its gradient (to the input only)
+                return (call.input_grad(inputs[0], call.weight, grad),)
             if self.kind == "excitation":
                 return (self.excitation_relevance(call, inputs[0], grad),)
             return (self.lrp_relevance(call, inputs[0], out, grad),)
@@ -603,8 +603,8 @@ class PropagationMode(TorchFunctionMode):
 
     # -- batch norm, averages, sums, products
     def batchnorm(self, func, args, kwargs):
-        if self.kind == "deeplift":
-            return func(*args, **kwargs)
+        if self.kind == "excitation":
+            return _Pass.apply(lambda inp: func(inp, *[_detached(a) for a in args[1:]], **kwargs), args[0])
         x = args[0]
         params = [_arg(args, kwargs, i, n) for i, n in enumerate(("input", "running_mean", "running_var"))]
         gamma, beta = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
@@ -612,23 +612,44 @@ class PropagationMode(TorchFunctionMode):
         eps = float(_arg(args, kwargs, 7, "eps", 1e-5))
         producer = self.producers.get(id(x))
         if (
-            self.kind == "lrp"
-            and producer is not None
+            producer is not None
             and producer[0]() is x
             and not training
             and params[1] is not None
             and producer[1].weight.shape[0] == params[1].shape[0]
             and producer[1].func not in (torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d)
         ):
+            if self.kind == "deeplift":
+                return self.merged_batchnorm(func, args, kwargs, producer[1], (params[1], params[2], gamma, beta, eps))
             producer[1].merge(params[1], params[2], gamma, beta, eps)
+        elif self.kind == "deeplift":  # not merged: its own gradient (an eval-mode BatchNorm is affine)
+            return func(*args, **kwargs)
         else:
             producer = None
-        others = [a.detach() if isinstance(a, Tensor) else a for a in args[1:]]
+        others = [_detached(a) for a in args[1:]]
         out = _Pass.apply(lambda inp: func(inp, *others, **kwargs), x)  # Zennit / TorchRay: a BatchNorm passes
         # relevance through (after the merge above)
         if producer is not None:  # the merged layer's output: BatchNorm(conv(x)) = conv(x; merged weights)
             producer[1].output = out.detach()
         return out
+
+    def merged_batchnorm(self, func, args, kwargs, call: WeightedCall, statistics: tuple):
+        """DeepLIFT through BatchNorm(conv(x)): one backward pass of the convolution with the BatchNorm merged
+        into its weights, from the BatchNorm's output straight to the convolution's input (its gradient, in
+        one convolution instead of two passes). The convolution's own output keeps its own gradient for any
+        other use of it."""
+        conv_out = args[0]
+        (conv_in, _) = conv_out.grad_fn.saved_tensors  # the _Rule node of the convolution: its input, output
+        merged = dataclasses.replace(call, cache={})
+        merged.merge(*statistics)
+        others = [_detached(a) for a in args[1:]]
+        with torch.no_grad():
+            value = func(conv_out.detach(), *others, **kwargs)
+
+        def backward(inputs, out, grad):
+            return (merged.input_grad(inputs[0], merged.weight, grad),)
+
+        return _Rule.apply(lambda inp: value, backward, conv_in)
 
     def average(self, func, args, kwargs):
         if self.kind == "deeplift":
@@ -808,6 +829,10 @@ RESHAPES = {Tensor.view, Tensor.reshape, torch.reshape}
 #: Calls whose output has no negative value where their input has none (F.pad with a non-negative value)
 KEEP_SIGN = RESHAPES | MAXPOOLS | AVERAGES | {F.pad, torch.flatten, Tensor.flatten, Tensor.contiguous, F.dropout}
 KEEP_SIGN |= {Tensor.__getitem__, torch.squeeze, Tensor.squeeze, Tensor.unsqueeze, torch.unsqueeze}
+
+
+def _detached(a):
+    return a.detach() if isinstance(a, Tensor) else a
 
 
 def _keeps_sign(func, args, kwargs) -> bool:
