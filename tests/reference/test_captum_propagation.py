@@ -75,6 +75,27 @@ def test_deeplift_equals_captums_deeplift():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_deeplift_multipliers_equal_captums_where_the_image_equals_the_baseline():
+    """Where a unit's input equals its reference value (x = x': inside a black patch, with the black baseline)
+    the rescale rule takes the slope f'(x), 1 in a ReLU's linear region (a positive bias) and 0 in its dead
+    one; the secant elsewhere. The multipliers (Captum's multiply_by_inputs=False) show both; the maps would
+    not, being the multipliers times x - x', which is 0 there."""
+    net = Sequential().eval()
+    images = IMAGES.clone()
+    images[:, :, 3:13, 3:13] = 0
+    with torch.no_grad():
+        targets = net(images).argmax(dim=1)
+    method = cnnscope.get_method("deeplift")(wrap(net))
+    ours, *_ = method.propagate(images, lambda logits: targets.view(-1, 1), torch.zeros_like(images))
+    theirs = captum_attr.DeepLift(Sequential().eval(), multiply_by_inputs=False).attribute(
+        images.clone(), baselines=torch.zeros_like(images), target=targets
+    )
+    inside = theirs.detach()[:, :, 6:10, 6:10]
+    assert float(inside.abs().amin()) > 0  # what reaches the patch's pixels went through units with x = x'
+    torch.testing.assert_close(ours[:, 0], theirs.detach(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("kind", ["functional", "reuse"])
 def test_captums_deeplift_fails_on_functional_or_reused_relus_ours_holds(kind):
     """Captum rescales only ReLU modules it can hook once (its FAQ, issue #1082): a functional relu keeps its

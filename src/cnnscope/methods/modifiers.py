@@ -37,18 +37,19 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default):
     return kwargs.get(name, default)
 
 
-# Each entry: function -> builder(args, kwargs) -> (out-of-place f(x), derivative f'(x) or None for autograd).
-# The derivatives of the clamps are their own backward kernels applied to ones: one pass over x.
-def _ones(x: torch.Tensor) -> torch.Tensor:
-    return torch.ones((), dtype=x.dtype, device=x.device).expand_as(x)
+# Each entry: function -> builder(args, kwargs) -> (out-of-place f(x), derivative or None for autograd), the
+# derivative taking (x, scale=1.0) and giving scale * f'(x). The clamps' derivatives are their own backward
+# kernels applied to a constant: one pass over x.
+def _constant(x: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.full((), value, dtype=x.dtype, device=x.device).expand_as(x)
 
 
 def _relu(args, kwargs):
-    return torch.relu, lambda x: torch.ops.aten.threshold_backward(_ones(x), x, 0)
+    return torch.relu, lambda x, scale=1.0: torch.ops.aten.threshold_backward(_constant(x, scale), x, 0)
 
 
 def _clamp_slope(low: float, high: float):
-    return lambda x: torch.ops.aten.hardtanh_backward(_ones(x), x, low, high)
+    return lambda x, scale=1.0: torch.ops.aten.hardtanh_backward(_constant(x, scale), x, low, high)
 
 
 def _hardtanh(args, kwargs):
@@ -63,7 +64,9 @@ def _relu6(args, kwargs):
 
 def _leaky(args, kwargs):
     slope = float(_arg(args, kwargs, 1, "negative_slope", 0.01))
-    return (lambda x: F.leaky_relu(x, slope)), (lambda x: torch.where(x > 0, 1.0, slope).to(x.dtype))
+    return (lambda x: F.leaky_relu(x, slope)), (
+        lambda x, scale=1.0: torch.where(x > 0, scale, slope * scale).to(x.dtype)
+    )
 
 
 def _smooth(function: Callable) -> Callable:

@@ -780,12 +780,15 @@ class PropagationMode(TorchFunctionMode):
         with torch.no_grad():
             out, twin = function(x), function(reference)
             delta_in = x - reference
-            multiplier = (out - twin).div_(delta_in)
-            if builder in PIECEWISE_LINEAR and derivative is not None:
+            if builder in PIECEWISE_LINEAR and x.dtype in TINY_SAFE:
                 # the secant of a piecewise-linear function is exact wherever x' != x (within eps of x it is the
-                # slope of their piece, a kink between them aside): only x' = x, where it is 0 / 0, takes f'(x)
-                multiplier = torch.where(multiplier.isnan(), derivative(x.detach()), multiplier)
+                # slope of their piece, a kink between them aside); where x' = x it is 0 / 0 and takes f'(x):
+                # (f(x) - f(x') + z f'(x)) / (x - x' + z), z far below any difference of two activations, is
+                # the secant bit for bit where x' != x and z f'(x) / z = f'(x) where x' = x, in three passes
+                numerator = (out - twin).add_(derivative(x.detach(), TINY))
+                multiplier = numerator.div_(delta_in.add_(TINY))
             else:
+                multiplier = (out - twin).div_(delta_in)
                 close = delta_in.abs_() < self.eps
                 if bool(close.any()):
                     if derivative is not None:  # element-wise (cheaper over the whole tensor than indexing)
@@ -826,6 +829,10 @@ class PropagationMode(TorchFunctionMode):
 
 
 RESHAPES = {Tensor.view, Tensor.reshape, torch.reshape}
+#: DeepLIFT's stand-in for 0 in a piecewise-linear activation's secant, and the dtypes where it is a normal
+#: number far below any difference of two activations (float16's smallest normal is 6e-5: it takes the 0 / 0 path)
+TINY = 1e-30
+TINY_SAFE = {torch.float32, torch.float64, torch.bfloat16}
 #: Calls whose output has no negative value where their input has none (F.pad with a non-negative value)
 KEEP_SIGN = RESHAPES | MAXPOOLS | AVERAGES | {F.pad, torch.flatten, Tensor.flatten, Tensor.contiguous, F.dropout}
 KEEP_SIGN |= {Tensor.__getitem__, torch.squeeze, Tensor.squeeze, Tensor.unsqueeze, torch.unsqueeze}
