@@ -226,3 +226,71 @@ def test_torchscript_is_refused_with_the_alternatives():
     model = Model(scripted, labels=list("abcde"), preprocess=IDENTITY_PREPROCESS, name="scripted")
     with pytest.raises(cnnscope.MethodError, match="TorchScript"):
         cnnscope.get_method("deeplift")(model)(IMAGES)
+
+
+class ConvBNShared(ConvBN):
+    """conv2's output goes through its BatchNorm and, beside it, into a residual sum of its own."""
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        z = self.conv2(x)
+        x = F.relu(self.bn2(z)) + 0.5 * z
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("net", [ConvBN, ConvBNShared])
+def test_deeplift_through_a_merged_batchnorm_is_deeplift_of_the_folded_model(net):
+    """DeepLIFT runs a BatchNorm's backward as part of the convolution before it; where that convolution's output
+    is also used directly, that use keeps the convolution's own multiplier."""
+    from cnnscope.models.folding import fold_batchnorm
+
+    module = net().eval()
+    model = Model(module, labels=list("abc"), preprocess=IDENTITY_PREPROCESS, name="bn")
+    explanation = cnnscope.get_method("deeplift")(model)(IMAGES, "top2")
+    assert max(abs(v) for row in explanation.stats["completeness_gap"] for v in row) < 1e-4
+    if net is ConvBN:
+        folded, _ = fold_batchnorm(model)
+        reference = cnnscope.get_method("deeplift")(folded)(IMAGES, explanation.targets)
+        torch.testing.assert_close(explanation.raw, reference.raw, rtol=1e-4, atol=1e-6)
+
+
+class Switching(Mixed):
+    """With ``extra`` set, the forward takes one more call (a tanh): one forward's calls are not the last one's."""
+
+    extra = False
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x)) if self.extra else super().forward(x)
+
+
+def test_deeplift_hands_out_the_references_values_again_only_where_they_are_the_same():
+    """The one-row reference's values of the last forward are handed out again for the same reference, weights
+    and input shape (the maps bit for bit a fresh method's); new weights, another shape or a forward whose calls
+    change all give a fresh method's maps."""
+    model = mixed(bias=True)
+    method = cnnscope.get_method("deeplift")(model)
+
+    def fresh(images):
+        return cnnscope.get_method("deeplift")(model)(images, "top2").raw
+
+    first = method(IMAGES, "top2")
+    kept = method._reference_run
+    assert kept and len(kept.values) > 5
+    assert torch.equal(method(IMAGES, "top2").raw, first.raw) and method._reference_run is kept  # replayed
+    assert torch.equal(method(IMAGES.flip(-1), "top2").raw, fresh(IMAGES.flip(-1)))
+    with torch.no_grad():
+        model.module.c2.weight.mul_(1.5)  # the same tensor, a new version
+    assert torch.equal(method(IMAGES, "top2").raw, fresh(IMAGES))
+    assert method._reference_run and method._reference_run is not kept  # kept anew, for the new weights
+    bigger = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(method(bigger, "top2").raw, fresh(bigger))
+
+    switching = Switching(bias=True).eval()
+    changing = Model(switching, labels=list("abcd"), preprocess=IDENTITY_PREPROCESS, name="switching")
+    method = cnnscope.get_method("deeplift")(changing)
+    for extra in (False, True, False):
+        switching.extra = extra
+        ours = method(IMAGES, "top2")
+        assert torch.equal(ours.raw, cnnscope.get_method("deeplift")(changing)(IMAGES, "top2").raw)
+        assert max(abs(v) for row in ours.stats["completeness_gap"] for v in row) < 1e-4
+    assert method._reference_run is False  # the forward changed: nothing is kept any more

@@ -27,6 +27,7 @@ DeepLIFT's multipliers, as Captum does.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -319,6 +320,12 @@ class PropagationMode(TorchFunctionMode):
         self.twins: dict[int, tuple[weakref.ref, Tensor]] | None = None
         #: the batch size when one reference row serves every image (each twin then has one row), else None
         self.shared: int | None = None
+        #: the reference's values of every call of an earlier forward with the same one-row reference, model
+        #: and input shape, handed out in call order instead of being worked out again (see ReferenceRun)
+        self.replay: list | None = None
+        self.position = 0
+        #: this forward's reference values, in call order, for a later replay (None: not kept)
+        self.recorded: list | None = None
 
     # -- which tensors derive from the input
     def mark(self, t: Tensor, table: dict | None = None) -> None:
@@ -391,6 +398,39 @@ class PropagationMode(TorchFunctionMode):
             )
         return entry[1]
 
+    def reference_values(self, func, args, kwargs, compute: Callable):
+        """``compute()``: the reference's values of one call (a tensor or a list of them), or, when an earlier
+        forward is replayed, the values the same call gave there. A call that is not the one recorded at this
+        point (another function, other shapes, other constants) stops the replay (:class:`_Unreplayable`)."""
+        if self.replay is None and self.recorded is None:
+            return compute()
+        key = (func, self.signature(args), self.signature(kwargs))
+        if self.replay is not None:
+            if self.position < len(self.replay) and self.replay[self.position][0] == key:
+                self.position += 1
+                return self.replay[self.position - 1][1]
+            raise _Unreplayable
+        values = compute()
+        self.recorded.append((key, values))
+        return values
+
+    def signature(self, obj):
+        """What a call's reference values depend on besides the reference: the shapes of input-derived
+        tensors, the identity and version of other tensors (weights), and the constants."""
+        if isinstance(obj, Tensor):
+            if self.has(obj):
+                return (tuple(obj.shape),)
+            return (id(obj), obj._version, tuple(obj.shape), obj.dtype)
+        if isinstance(obj, (list, tuple)):
+            return tuple(self.signature(item) for item in obj)
+        if isinstance(obj, dict):
+            return tuple((key, self.signature(item)) for key, item in obj.items())
+        if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device)):
+            return obj
+        if callable(obj):
+            return id(obj)
+        return (type(obj).__name__, id(obj))
+
     def substitute(self, obj):
         """The call's arguments with every input-derived tensor replaced by its reference value."""
         if isinstance(obj, Tensor):
@@ -406,6 +446,9 @@ class PropagationMode(TorchFunctionMode):
         """Run the call on the reference's values (no graph) and pair its outputs with the input's. The rules
         that need the reference's values (DeepLIFT's activations, max pools, products) have paired theirs."""
         if before is not None and (result is None or result is args[0]):  # written in place, on both sides
+            if self.replay is not None:  # a reference value written in place cannot be handed out again
+                raise _Unreplayable
+            self.recorded = None
             with torch.no_grad():
                 try:
                     func(before, *self.substitute(args[1:]), **self.substitute(kwargs))
@@ -423,7 +466,12 @@ class PropagationMode(TorchFunctionMode):
             args = _one_row(args, self.shared)  # x.view(batch_size, -1) on the one-row reference: view(1, -1)
         with torch.no_grad():
             try:
-                twins = _tensors(twin_func(*self.substitute(args), **self.substitute(kwargs)), [])
+                twins = self.reference_values(
+                    func,
+                    args,
+                    kwargs,
+                    lambda: _tensors(twin_func(*self.substitute(args), **self.substitute(kwargs)), []),
+                )
             except RuntimeError as error:  # a one-row reference where the call needs the batch's rows
                 if self.shared is not None:
                     raise _Unshared from error
@@ -728,7 +776,7 @@ class PropagationMode(TorchFunctionMode):
 
             out = _Rule.apply(lambda x, y: plain(x, y), backward, a, b)
             with torch.no_grad():
-                self.set_twin(out, plain(ta, tb))
+                self.set_twin(out, self.reference_values(func, args, kwargs, lambda: plain(ta, tb)))
             return out
         # LRP / excitation: the signal takes all relevance, the gate none (Arras et al. 2017)
         gate_a, gate_b = self.has(a, self.gates), self.has(b, self.gates)
@@ -778,7 +826,8 @@ class PropagationMode(TorchFunctionMode):
         # it does not depend on what flows back, so it is worked out here, once, from the reference's values
         reference = self.twin(x)
         with torch.no_grad():
-            out, twin = function(x), function(reference)
+            out = function(x)
+            twin = self.reference_values(func, args, kwargs, lambda: function(reference))
             delta_in = x - reference
             if builder in PIECEWISE_LINEAR and x.dtype in TINY_SAFE:
                 # the secant of a piecewise-linear function is exact wherever x' != x (within eps of x it is the
@@ -811,7 +860,7 @@ class PropagationMode(TorchFunctionMode):
             return func(t, *rest, **kwargs)
 
         with torch.no_grad():
-            twin = pool(reference)
+            twin = self.reference_values(func, args, kwargs, lambda: pool(reference))
 
         def backward(inputs, out, grad):
             (inp,) = inputs
@@ -879,6 +928,46 @@ class _Unshared(Exception):
     """Raised inside DeepLIFT's forward when a one-row reference cannot stand for every image's."""
 
 
+class _Unreplayable(Exception):
+    """Raised inside DeepLIFT's forward when the calls differ from the forward being replayed."""
+
+
+@dataclasses.dataclass
+class ReferenceRun:
+    """A one-row reference's values of every call of one forward, kept by a method between calls. The
+    reference's forward does not depend on the images: with the same reference, model state and input shape
+    the next forward hands them out again instead of running every call a second time (about a tenth of a
+    DeepLIFT map on the default model). Each call is checked against the one recorded (function, shapes,
+    weights' identity and version, constants); a difference reruns the forward without it."""
+
+    reference: Tensor
+    shape: tuple
+    state: tuple
+    values: list
+
+    #: past this many bytes of reference values a forward's are not kept
+    LIMIT: ClassVar[int] = 256 * 2**20
+
+    @staticmethod
+    def state_of(module: nn.Module) -> tuple:
+        return tuple((id(t), t._version) for t in (*module.parameters(), *module.buffers()))
+
+    def matches(self, reference: Tensor, shape: tuple, state: tuple) -> bool:
+        return (
+            self.shape == shape
+            and self.state == state
+            and self.reference.shape == reference.shape
+            and self.reference.dtype == reference.dtype
+            and self.reference.device == reference.device
+            and bool(torch.equal(self.reference, reference))
+        )
+
+    @classmethod
+    def kept(cls, reference: Tensor, shape: tuple, state: tuple, values: list) -> ReferenceRun | None:
+        size = sum(t.numel() * t.element_size() for _, v in values for t in (v if isinstance(v, list) else [v]))
+        return cls(reference.clone(), shape, state, values) if size <= cls.LIMIT else None
+
+
 def _out_of_place(func):
     """The out-of-place twin of an in-place tensor method (``add_`` -> ``add``, ``__iadd__`` -> ``__add__``)."""
     name = getattr(func, "__name__", "")
@@ -898,8 +987,29 @@ def _arg(args, kwargs, index: int, name: str, default=None):
 
 
 @contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for one call (as it was before, after it): the rules make
+    thousands of short-lived objects (closures, weak references), which refcounting frees, but which trigger
+    collections that walk every object of the process (about 4% of an LRP call on the default model)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@contextmanager
 def propagating(
-    module: nn.Module, inputs: Tensor, kind: str, reference: Tensor | None = None, **settings
+    module: nn.Module,
+    inputs: Tensor,
+    kind: str,
+    reference: Tensor | None = None,
+    *,
+    replay: list | None = None,
+    record: bool = False,
+    **settings,
 ) -> Iterator[PropagationMode]:
     """Inside the block, the calls that ``inputs`` flow through backpropagate by ``kind``'s rules. With
     ``rules`` (layer name -> rule), forward hooks on the model's modules track which module a call is in;
@@ -911,6 +1021,8 @@ def propagating(
         mode.twins = {}
         if reference.shape[0] == 1 and inputs.shape[0] > 1:
             mode.shared = inputs.shape[0]
+            mode.replay = replay
+            mode.recorded = [] if record and replay is None else None
         mode.set_twin(inputs, reference.detach())
     handles = []
     try:
@@ -1004,15 +1116,29 @@ class PropagationMethod(GradientMethod):
             if bool((reference == reference[:1]).all()):  # one reference for every image (a black baseline):
                 reference = reference[:1]  # it runs once, its values broadcast against the batch's
         inputs.requires_grad_(True)
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), _collector_paused():
             settings = self.settings(batch)
+            kept = self.__dict__.get("_reference_run")  # a ReferenceRun, None, or False (this model's forward
+            # changes from call to call: nothing is kept)
+            state = ReferenceRun.state_of(self.model.module)
+            shared = reference is not None and reference.shape[0] == 1 and inputs.shape[0] > 1 and kept is not False
+            replay = kept.values if shared and kept and kept.matches(reference, tuple(inputs.shape), state) else None
             try:
-                with propagating(self.model.module, inputs, self.kind, reference, **settings) as mode:
-                    outputs = self.model(inputs)
+                try:
+                    with propagating(
+                        self.model.module, inputs, self.kind, reference, replay=replay, record=shared, **settings
+                    ) as mode:
+                        outputs = self.model(inputs)
+                except _Unreplayable:  # the forward's calls differ from the last one's: run it all, keep nothing
+                    self._reference_run = False
+                    with propagating(self.model.module, inputs, self.kind, reference, **settings) as mode:
+                        outputs = self.model(inputs)
             except _Unshared:  # the forward mixes the batch's rows (a reshape by batch size): a reference per row
                 reference = reference.expand_as(inputs).clone()
                 with propagating(self.model.module, inputs, self.kind, reference, **settings) as mode:
                     outputs = self.model(inputs)
+            if mode.recorded is not None and self.__dict__.get("_reference_run") is not False:
+                self._reference_run = ReferenceRun.kept(reference, tuple(inputs.shape), state, mode.recorded)
             if not outputs.requires_grad:
                 raise MethodError(
                     "this model's outputs carry no gradients (a black-box function, or a forward under no_grad); "
