@@ -65,7 +65,7 @@ def _relu6(args, kwargs):
 def _leaky(args, kwargs):
     slope = float(_arg(args, kwargs, 1, "negative_slope", 0.01))
     return (lambda x: F.leaky_relu(x, slope)), (
-        lambda x, scale=1.0: torch.where(x > 0, scale, slope * scale).to(x.dtype)
+        lambda x, scale=1.0: torch.where(x > 0, _constant(x, scale), _constant(x, slope * scale))
     )
 
 
@@ -100,9 +100,11 @@ ACTIVATIONS: dict[Callable, Callable] = {
     F.mish: _smooth(F.mish),
 }
 
-#: The builders above whose function is piecewise linear: where x and x' differ at all, the secant
-#: (f(x) - f(x')) / (x - x') is a value between the slopes of the pieces, computed without amplifying rounding
-PIECEWISE_LINEAR = {_relu, _relu6, _hardtanh, _leaky}
+#: The builders above whose pieces have slopes 0 and 1: where x and x' differ at all, the secant
+#: (f(x) - f(x')) / (x - x') is exactly a piece's slope, or a value between them where a kink lies between x
+#: and x' (Captum takes f'(x) there when |x - x'| < 1e-10). A leaky ReLU's rounded slope * x is not exact:
+#: it keeps the eps rule.
+PIECEWISE_LINEAR = {_relu, _relu6, _hardtanh}
 
 #: Activation calls left on their plain gradient (gates and saturating functions have no positive/negative
 #: rule in the papers); they are named in a warning, so nobody mistakes the result for a fully guided one.

@@ -142,14 +142,20 @@ def _tensors(obj, found: list) -> list:
     return found
 
 
+_IN_PLACE: dict = {}
+
+
 def _in_place(func) -> bool:
     """Whether ``func`` writes into its first argument (``add_``, ``__iadd__``, ``__setitem__``)."""
-    name = getattr(func, "__name__", "")
-    return (
-        name == "__setitem__"
-        or (name.startswith("__i") and name.endswith("__"))
-        or (name.endswith("_") and not name.endswith("__"))
-    )
+    known = _IN_PLACE.get(func)
+    if known is None:
+        name = getattr(func, "__name__", "")
+        known = _IN_PLACE[func] = (
+            name == "__setitem__"
+            or (name.startswith("__i") and name.endswith("__"))
+            or (name.endswith("_") and not name.endswith("__"))
+        )
+    return known
 
 
 def _vjp(fn: Callable, inputs: list[Tensor], seed: Tensor) -> tuple[Tensor, ...]:
@@ -196,7 +202,7 @@ class _Rule(torch.autograd.Function):
         ctx.backward = backward
         with torch.no_grad():
             out = compute(*inputs)
-        ctx.save_for_backward(*inputs, out)
+        ctx.save_for_backward(*inputs, out if getattr(backward, "uses_output", True) else None)
         return out
 
     @staticmethod
@@ -309,6 +315,8 @@ class PropagationMode(TorchFunctionMode):
         #: tensors known to have no negative value (a ReLU's output, padded with zeros, pooled, reshaped): the
         #: rules' terms for negative inputs vanish there, without a pass over the tensor to find out
         self.nonneg: dict[int, weakref.ref] = {}
+        self.order: dict[int, int] = {}
+        self.marked = 0
         self.producers: dict[int, tuple[weakref.ref, WeightedCall]] = {}
         self.weighted: list[WeightedCall] = []
         self.uncovered: dict[str, int] = {}
@@ -326,10 +334,17 @@ class PropagationMode(TorchFunctionMode):
         self.position = 0
         #: this forward's reference values, in call order, for a later replay (None: not kept)
         self.recorded: list | None = None
+        #: ids of the model's parameters and buffers (a replay checks their identity and version)
+        self.known: set[int] = set()
 
     # -- which tensors derive from the input
     def mark(self, t: Tensor, table: dict | None = None) -> None:
-        (self.tainted if table is None else table)[id(t)] = weakref.ref(t)
+        if table is None:
+            self.tainted[id(t)] = weakref.ref(t)
+            self.marked += 1  # which input-derived tensor it is (in the order they were made), for the replay
+            self.order[id(t)] = self.marked
+        else:
+            table[id(t)] = weakref.ref(t)
 
     def has(self, t: object, table: dict | None = None) -> bool:
         if not isinstance(t, Tensor):
@@ -357,15 +372,18 @@ class PropagationMode(TorchFunctionMode):
             # the reference's copy of a tensor written in place: its value before the write
             before = self.twin(args[0]) if self.has(args[0]) else args[0].detach().clone()
         result = self.dispatch(func, args, kwargs)
+        if self.nonneg and args and _in_place(func) and (result is None or result is args[0]):
+            self.nonneg.clear()  # written in place: its views' (and its own) signs are no longer known
         outputs = _tensors(result, [])
         for out in outputs:
             self.mark(out)
         if func in GATES and isinstance(result, Tensor):
             self.mark(result, self.gates)
+        first = args[0] if args else kwargs.get("input")
         if (
             func in KEEP_SIGN
             and isinstance(result, Tensor)
-            and self.has(args[0], self.nonneg)
+            and self.has(first, self.nonneg)
             and _keeps_sign(func, args, kwargs)
         ):
             self.mark(result, self.nonneg)
@@ -404,7 +422,13 @@ class PropagationMode(TorchFunctionMode):
         point (another function, other shapes, other constants) stops the replay (:class:`_Unreplayable`)."""
         if self.replay is None and self.recorded is None:
             return compute()
-        key = (func, self.signature(args), self.signature(kwargs))
+        try:
+            key = (func, self.signature(args), self.signature(kwargs))
+        except _Unkeepable:  # a large tensor made in the forward: nothing to check a replay against
+            if self.replay is not None:
+                raise _Unreplayable from None
+            self.recorded = None
+            return compute()
         if self.replay is not None:
             if self.position < len(self.replay) and self.replay[self.position][0] == key:
                 self.position += 1
@@ -419,8 +443,12 @@ class PropagationMode(TorchFunctionMode):
         tensors, the identity and version of other tensors (weights), and the constants."""
         if isinstance(obj, Tensor):
             if self.has(obj):
-                return (tuple(obj.shape),)
-            return (id(obj), obj._version, tuple(obj.shape), obj.dtype)
+                return (self.order.get(id(obj)), tuple(obj.shape))
+            if id(obj) in self.known:  # the model's own weights and buffers: their identity and version
+                return (id(obj), obj._version)
+            if obj.numel() <= 64:  # a small tensor made in the forward: its values (its id may be reused)
+                return (tuple(obj.shape), obj.dtype, tuple(obj.detach().flatten().tolist()))
+            raise _Unkeepable
         if isinstance(obj, (list, tuple)):
             return tuple(self.signature(item) for item in obj)
         if isinstance(obj, dict):
@@ -532,6 +560,8 @@ class PropagationMode(TorchFunctionMode):
         call = WeightedCall(
             func, weight.detach(), None if bias is None else bias.detach(), rest, extra, "", len(self.weighted)
         )
+        if self.kind == "deeplift" and self.has(bias):  # an input-derived bias (FiLM): its own gradient
+            return func(*args, **kwargs)
         call.rule = self.rule_for(func, call.index) if self.kind == "lrp" else "excitation"
         call.nonneg = self.has(x, self.nonneg)
         self.weighted.append(call)
@@ -546,8 +576,9 @@ class PropagationMode(TorchFunctionMode):
                 return (self.excitation_relevance(call, inputs[0], grad),)
             return (self.lrp_relevance(call, inputs[0], out, grad),)
 
+        backward.uses_output = self.kind == "lrp"
         out = _Rule.apply(compute, backward, x)
-        self.producers[id(out)] = (weakref.ref(out), call)
+        self.producers[id(out)] = (weakref.ref(out), call, out._version)
         if self.kind == "lrp":
             call.output = out.detach()
         return out
@@ -662,6 +693,8 @@ class PropagationMode(TorchFunctionMode):
         if (
             producer is not None
             and producer[0]() is x
+            and x._version == producer[2]  # not written in place since the convolution
+            and (self.kind != "deeplift" or type(x.grad_fn) is _Rule._backward_cls)
             and not training
             and params[1] is not None
             and producer[1].weight.shape[0] == params[1].shape[0]
@@ -697,6 +730,7 @@ class PropagationMode(TorchFunctionMode):
         def backward(inputs, out, grad):
             return (merged.input_grad(inputs[0], merged.weight, grad),)
 
+        backward.uses_output = False
         return _Rule.apply(lambda inp: value, backward, conv_in)
 
     def average(self, func, args, kwargs):
@@ -932,6 +966,10 @@ class _Unreplayable(Exception):
     """Raised inside DeepLIFT's forward when the calls differ from the forward being replayed."""
 
 
+class _Unkeepable(Exception):
+    """A call's argument a replay could not be checked against (a large tensor made in the forward)."""
+
+
 @dataclasses.dataclass
 class ReferenceRun:
     """A one-row reference's values of every call of one forward, kept by a method between calls. The
@@ -1023,6 +1061,8 @@ def propagating(
             mode.shared = inputs.shape[0]
             mode.replay = replay
             mode.recorded = [] if record and replay is None else None
+            if replay is not None or record:
+                mode.known = {id(t) for t in (*module.parameters(), *module.buffers())}
         mode.set_twin(inputs, reference.detach())
     handles = []
     try:
@@ -1257,7 +1297,9 @@ class DeepLift(PropagationMethod):
 
         attribution = (x - x') * m,   m = the chain of multipliers from the output to the input,
 
-    with every nonlinearity's multiplier (f(x) - f(x')) / (x - x') (its derivative where x = x'), linear
+    with every nonlinearity's multiplier (f(x) - f(x')) / (x - x') (its derivative where x = x'; Captum takes the
+    derivative wherever |x - x'| < 1e-10, which differs for a ReLU or a clamp only where a kink lies between
+    them), linear
     layers' own gradients, Captum's rule at max pooling and the exact rule at products of two
     input-derived tensors (multipliers mean(b) and mean(a)), so the map sums to f(x) - f(x'). The
     reference x' is ``baseline``, as Integrated Gradients': ``black``, ``blur``, ``noise`` or a tensor. The
