@@ -297,32 +297,35 @@ def test_deeplift_hands_out_the_references_values_again_only_where_they_are_the_
 
 
 class Branching(nn.Module):
-    """The forward picks one of two same-shape input-derived tensors by the images' mean, scales by a small
-    tensor it makes from an attribute, writes into a ReLU's output in place (``relu(...) -= shift``), adds to a
+    """The forward picks one of two same-shape input-derived tensors by the first image's mean, scales by a small
+    tensor it makes from an attribute, writes into a ReLU's output in place (``h[:, :, :2] = -1``), adds to a
     convolution's output in place before its BatchNorm and flattens by keyword."""
 
-    def __init__(self, shift_in_place: bool = True) -> None:
+    def __init__(self, in_place: bool = True) -> None:
         super().__init__()
         torch.manual_seed(6)
         self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
         self.c, self.bn = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
         self.fc = nn.Linear(6 * 4 * 4, 3)
-        self.scale, self.shift_in_place = 1.0, shift_in_place
+        self.scale, self.in_place = 1.0, in_place
         with torch.no_grad():
             self.bn.running_var.uniform_(0.5, 2)
             self.bn.running_mean.uniform_(-0.3, 0.3)
 
     def forward(self, x):
         a, b = F.relu(self.a(x)), F.relu(self.b(x))
-        h = a if bool(x.mean() > 0.5) else b
+        h = a if x.mean(dim=(1, 2, 3)).tolist()[0] > 0.5 else b  # by the first image (a reference row each)
         h = h * torch.full((6, 1, 1), self.scale)
         h = F.relu(h)
-        if self.shift_in_place:
-            h -= 0.3  # no longer >= 0
+        if self.in_place:
+            h[:, :, :2] = -1.0  # written in place: no longer >= 0
         else:
-            h = h - 0.3
+            h = torch.cat([torch.full_like(h[:, :, :2], -1.0), h[:, :, 2:]], dim=2)
         z = self.c(h)
-        z += 0.1
+        if self.in_place:
+            z += 0.1
+        else:
+            z = z + 0.1
         z = F.relu(self.bn(z))
         return self.fc(torch.flatten(input=F.adaptive_avg_pool2d(z, 4), start_dim=1))
 
@@ -332,21 +335,27 @@ def test_what_a_forward_does_between_calls_is_checked_not_assumed():
     a forward takes, the values of a tensor it makes); an in-place write ends what is known of a tensor's sign
     (LRP's z+ then keeps its negative part: the same map as the out-of-place write); a convolution's output
     written in place before its BatchNorm is not merged; calls by keyword are followed."""
-    net = Branching().eval()
-    model = Model(net, labels=list("abc"), preprocess=IDENTITY_PREPROCESS, name="branching")
-    method = cnnscope.get_method("deeplift")(model)
     low, high = IMAGES * 0.5, IMAGES * 0.5 + 0.5
-    for images, scale in ((low, 1.0), (high, 1.0), (high, 2.0), (low, 2.0)):
-        net.scale = scale
-        ours = method(images, "top2")
-        assert torch.equal(ours.raw, cnnscope.get_method("deeplift")(model)(images, "top2").raw)
-        assert max(abs(v) for row in ours.stats["completeness_gap"] for v in row) < 1e-4
+    for in_place in (False, True):
+        net = Branching(in_place).eval()
+        model = Model(net, labels=list("abc"), preprocess=IDENTITY_PREPROCESS, name="branching")
+        for calls in (((low, 1.0), (low, 1.0), (low, 2.0)), ((low, 1.0), (low, 1.0), (high, 1.0))):
+            method = cnnscope.get_method("deeplift")(model)
+            for call, (images, scale) in enumerate(calls):
+                net.scale = scale
+                ours = method(images, "top2")
+                if call < 2:  # kept, then handed out (not where a value is written in place); the third call
+                    # differs (a tensor's values, the branch): checked
+                    assert bool(getattr(method, "_reference_run", None)) != in_place
+                assert torch.equal(ours.raw, cnnscope.get_method("deeplift")(model)(images, "top2").raw)
+                assert max(abs(v) for row in ours.stats["completeness_gap"] for v in row) < 1e-4
     net.scale = 1.0
-    out_of_place = Branching(shift_in_place=False).eval()
+    out_of_place = Branching(in_place=False).eval()
     for composite in ("epsilon-plus", "epsilon-alpha2-beta1"):
         lrp = cnnscope.get_method("lrp")(model, composite=composite)(low, "top1")
         other = Model(out_of_place, labels=list("abc"), preprocess=IDENTITY_PREPROCESS, name="copy")
         reference = cnnscope.get_method("lrp")(other, composite=composite)(low, lrp.targets)
         torch.testing.assert_close(lrp.raw, reference.raw, rtol=1e-5, atol=1e-6)
-    excitation = cnnscope.get_method("excitation-backprop")(model)(low, "top1")
+    excitation = cnnscope.get_method("excitation-backprop")(other)(low, "top1")  # (plain autograd, which
+    # excitation backprop keeps at activations, cannot go back through a ReLU output written in place)
     assert torch.isfinite(excitation.raw).all()

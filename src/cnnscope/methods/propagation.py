@@ -171,9 +171,10 @@ class _Scaled(torch.autograd.Function):
     """Forward: ``out`` (worked out already from x); backward: the gradient times ``multiplier``."""
 
     @staticmethod
-    def forward(ctx, x, out, multiplier):
+    def forward(ctx, x, made, multiplier):
         ctx.multiplier = multiplier
-        return out.view_as(out)
+        return made[0]  # handed in inside a tuple, so not an input returned as it is (a view a model could not
+        # write into in place)
 
     @staticmethod
     def backward(ctx, grad):
@@ -453,7 +454,7 @@ class PropagationMode(TorchFunctionMode):
             return tuple(self.signature(item) for item in obj)
         if isinstance(obj, dict):
             return tuple((key, self.signature(item)) for key, item in obj.items())
-        if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device)):
+        if obj is None or obj is Ellipsis or isinstance(obj, (bool, int, float, str, slice, *PLAIN)):
             return obj
         if callable(obj):
             return id(obj)
@@ -879,7 +880,7 @@ class PropagationMode(TorchFunctionMode):
                     else:
                         slope = _vjp(function, [x], torch.ones_like(x))[0]
                         multiplier = torch.where(close, slope, multiplier)
-        result = _Scaled.apply(x, out, multiplier)
+        result = _Scaled.apply(x, (out,), multiplier)
         self.set_twin(result, twin)
         return result
 
@@ -964,6 +965,10 @@ class _Unshared(Exception):
 
 class _Unreplayable(Exception):
     """Raised inside DeepLIFT's forward when the calls differ from the forward being replayed."""
+
+
+#: Constants a call's arguments can hold that compare by value
+PLAIN = (torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
 class _Unkeepable(Exception):
