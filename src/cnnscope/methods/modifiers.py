@@ -105,6 +105,9 @@ ACTIVATIONS: dict[Callable, Callable] = {
 #: and x' (Captum takes f'(x) there when |x - x'| < 1e-10). A leaky ReLU's rounded slope * x is not exact:
 #: it keeps the eps rule.
 PIECEWISE_LINEAR = {_relu, _relu6, _hardtanh}
+#: The builders whose output has no negative value, and the clamps (no negative value from a min_val >= 0)
+NONNEGATIVE = {_relu, _relu6}
+CLAMPS = {_hardtanh}
 
 #: Activation calls left on their plain gradient (gates and saturating functions have no positive/negative
 #: rule in the papers); they are named in a warning, so nobody mistakes the result for a fully guided one.

@@ -44,7 +44,7 @@ from ..options import Options, anything, choice, flag, number
 from ..progress import check_cancelled
 from .base import Computed, register_method
 from .gradient import REDUCE, SEED, GradientMethod, gaussian_blur
-from .modifiers import ACTIVATIONS, PIECEWISE_LINEAR, UNMODIFIED
+from .modifiers import ACTIVATIONS, CLAMPS, NONNEGATIVE, PIECEWISE_LINEAR, UNMODIFIED
 
 Tensor = torch.Tensor
 
@@ -854,7 +854,7 @@ class PropagationMode(TorchFunctionMode):
         if self.kind != "deeplift":  # excitation backprop: the activation's own gradient (its plain, out-of-place
             # call); LRP: the relevance passes through
             out = function(x) if self.kind == "excitation" else _Pass.apply(function, x)
-            if _nonnegative(func, args, kwargs):
+            if builder in NONNEGATIVE or (builder in CLAMPS and float(_arg(args, kwargs, 1, "min_val", -1.0)) >= 0):
                 self.mark(out, self.nonneg)
             return out
         # DeepLIFT's rescale multiplier (f(x) - f(x')) / (x - x'), the slope f'(x) where x' is within eps of x;
@@ -936,15 +936,6 @@ def _keeps_sign(func, args, kwargs) -> bool:
 def _negative(call: WeightedCall, x: Tensor) -> bool:
     """Whether the call's input has a negative value: known from the forward pass, else one reduction."""
     return not call.nonneg and bool(x.amin() < 0)
-
-
-def _nonnegative(func, args, kwargs) -> bool:
-    """Whether the activation call ``func`` gives no negative value (ReLU, ReLU6, hardtanh from >= 0)."""
-    if func in (F.relu, torch.relu, torch.relu_, F.relu_, Tensor.relu, Tensor.relu_, F.relu6):
-        return True
-    if func in (F.hardtanh, F.hardtanh_):
-        return float(_arg(args, kwargs, 1, "min_val", -1.0)) >= 0
-    return False
 
 
 def _one_row(args: tuple, batch: int) -> tuple:
@@ -1052,6 +1043,7 @@ def propagating(
     *,
     replay: list | None = None,
     record: bool = False,
+    known: set[int] | None = None,
     **settings,
 ) -> Iterator[PropagationMode]:
     """Inside the block, the calls that ``inputs`` flow through backpropagate by ``kind``'s rules. With
@@ -1066,8 +1058,7 @@ def propagating(
             mode.shared = inputs.shape[0]
             mode.replay = replay
             mode.recorded = [] if record and replay is None else None
-            if replay is not None or record:
-                mode.known = {id(t) for t in (*module.parameters(), *module.buffers())}
+            mode.known = known or set()
         mode.set_twin(inputs, reference.detach())
     handles = []
     try:
@@ -1127,6 +1118,9 @@ class PropagationMethod(GradientMethod):
     """Base of the propagation methods: one forward pass in the mode, one backward pass per target."""
 
     kind: ClassVar[str] = "lrp"
+    #: DeepLIFT's shared reference's values of the last forward (a ReferenceRun), None, or False where the
+    #: model's forward changed from one call to the next (nothing is kept any more)
+    _reference_run: ReferenceRun | bool | None = None
 
     def is_signed(self) -> bool:
         return self.config["reduce"] == "sum"
@@ -1163,15 +1157,21 @@ class PropagationMethod(GradientMethod):
         inputs.requires_grad_(True)
         with torch.inference_mode(False), torch.enable_grad(), _collector_paused():
             settings = self.settings(batch)
-            kept = self.__dict__.get("_reference_run")  # a ReferenceRun, None, or False (this model's forward
-            # changes from call to call: nothing is kept)
+            kept = self._reference_run
             state = ReferenceRun.state_of(self.model.module)
             shared = reference is not None and reference.shape[0] == 1 and inputs.shape[0] > 1 and kept is not False
             replay = kept.values if shared and kept and kept.matches(reference, tuple(inputs.shape), state) else None
             try:
                 try:
                     with propagating(
-                        self.model.module, inputs, self.kind, reference, replay=replay, record=shared, **settings
+                        self.model.module,
+                        inputs,
+                        self.kind,
+                        reference,
+                        replay=replay,
+                        record=shared,
+                        known={key for key, _ in state},
+                        **settings,
                     ) as mode:
                         outputs = self.model(inputs)
                 except _Unreplayable:  # the forward's calls differ from the last one's: run it all, keep nothing
@@ -1182,7 +1182,7 @@ class PropagationMethod(GradientMethod):
                 reference = reference.expand_as(inputs).clone()
                 with propagating(self.model.module, inputs, self.kind, reference, **settings) as mode:
                     outputs = self.model(inputs)
-            if mode.recorded is not None and self.__dict__.get("_reference_run") is not False:
+            if mode.recorded is not None and self._reference_run is not False:
                 self._reference_run = ReferenceRun.kept(reference, tuple(inputs.shape), state, mode.recorded)
             if not outputs.requires_grad:
                 raise MethodError(
