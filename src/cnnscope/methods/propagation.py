@@ -862,15 +862,20 @@ class PropagationMode(TorchFunctionMode):
         reference = self.twin(x)
         with torch.no_grad():
             out = function(x)
-            twin = self.reference_values(func, args, kwargs, lambda: function(reference))
+            piecewise = builder in PIECEWISE_LINEAR and x.dtype in TINY_SAFE
+            if piecewise:  # with the reference's slope, scaled by z (below): one row for a shared reference
+                twin, slope = self.reference_values(
+                    func, args, kwargs, lambda: [function(reference), derivative(reference, TINY)]
+                )
+            else:
+                twin = self.reference_values(func, args, kwargs, lambda: function(reference))
             delta_in = x - reference
-            if builder in PIECEWISE_LINEAR and x.dtype in TINY_SAFE:
+            if piecewise:
                 # the secant of a piecewise-linear function is exact wherever x' != x (within eps of x it is the
-                # slope of their piece, a kink between them aside); where x' = x it is 0 / 0 and takes f'(x):
-                # (f(x) - f(x') + z f'(x)) / (x - x' + z), z far below any difference of two activations, is
-                # the secant bit for bit where x' != x and z f'(x) / z = f'(x) where x' = x, in three passes
-                numerator = (out - twin).add_(derivative(x.detach(), TINY))
-                multiplier = numerator.div_(delta_in.add_(TINY))
+                # slope of their piece, a kink between them aside); where x' = x it is 0 / 0 and takes the slope
+                # there, f'(x) = f'(x'): (f(x) - f(x') + z f'(x')) / (x - x' + z), z far below any difference of
+                # two activations, is the secant bit for bit where x' != x and z f'(x') / z = f'(x) where x' = x
+                multiplier = (out - twin).add_(slope).div_(delta_in.add_(TINY))
             else:
                 multiplier = (out - twin).div_(delta_in)
                 close = delta_in.abs_() < self.eps
