@@ -1,12 +1,14 @@
 """LRP, DeepLIFT and excitation backprop: the axioms, on models with every kind of activation call."""
 
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import cnnscope
-from cnnscope.methods.propagation import COMPOSITES
+from cnnscope.methods.propagation import COMPOSITES, PropagationMethod
 from cnnscope.models import Model
 from cnnscope.testing import quadrant_model
 from cnnscope.testing.models import IDENTITY_PREPROCESS
@@ -263,6 +265,17 @@ class Switching(Mixed):
         return torch.tanh(super().forward(x)) if self.extra else super().forward(x)
 
 
+def fresh_deeplift(model: Model, images: torch.Tensor) -> torch.Tensor:
+    """DeepLIFT's top-2 map by a new method with nothing kept on the model (what it kept is put back after)."""
+    kept = dict(model.kept)
+    model.kept.clear()
+    try:
+        return cnnscope.get_method("deeplift")(model)(images, "top2").raw
+    finally:
+        model.kept.clear()
+        model.kept.update(kept)
+
+
 def test_deeplift_hands_out_the_references_values_again_only_where_they_are_the_same():
     """The one-row reference's values of the last forward are handed out again for the same reference, weights
     and input shape (the maps bit for bit a fresh method's); new weights, another shape or a forward whose calls
@@ -271,7 +284,7 @@ def test_deeplift_hands_out_the_references_values_again_only_where_they_are_the_
     method = cnnscope.get_method("deeplift")(model)
 
     def fresh(images):
-        return cnnscope.get_method("deeplift")(model)(images, "top2").raw
+        return fresh_deeplift(model, images)
 
     first = method(IMAGES, "top2")
     kept = method._reference_run
@@ -291,9 +304,26 @@ def test_deeplift_hands_out_the_references_values_again_only_where_they_are_the_
     for extra in (False, True, False):
         switching.extra = extra
         ours = method(IMAGES, "top2")
-        assert torch.equal(ours.raw, cnnscope.get_method("deeplift")(changing)(IMAGES, "top2").raw)
+        assert torch.equal(ours.raw, fresh_deeplift(changing, IMAGES))
         assert max(abs(v) for row in ours.stats["completeness_gap"] for v in row) < 1e-4
     assert method._reference_run is False  # the forward changed: nothing is kept any more
+
+
+def test_deeplift_values_are_kept_with_the_model_for_every_method_on_it_and_never_pickled():
+    """A new method on the same model (one per call, as cnnscope.explain makes) hands out the values the last
+    one kept, with the same maps; another model keeps its own; a pickled model ships none of them."""
+    model = mixed(bias=True)
+    first = cnnscope.get_method("deeplift")(model)(IMAGES, "top2")
+    kept = model.kept[PropagationMethod.KEPT]
+    assert kept and len(kept.values) > 5
+    again = cnnscope.get_method("deeplift")(model)(IMAGES, "top2")
+    assert torch.equal(again.raw, first.raw) and model.kept[PropagationMethod.KEPT] is kept  # replayed
+    assert torch.equal(again.raw, fresh_deeplift(model, IMAGES))
+    other = mixed(bias=True)
+    assert not other.kept
+    copy = pickle.loads(pickle.dumps(model))
+    assert copy.kept == {} and model.kept[PropagationMethod.KEPT] is kept
+    assert torch.equal(cnnscope.get_method("deeplift")(copy)(IMAGES, "top2").raw, first.raw)
 
 
 class Branching(nn.Module):
@@ -340,6 +370,7 @@ def test_what_a_forward_does_between_calls_is_checked_not_assumed():
         net = Branching(in_place).eval()
         model = Model(net, labels=list("abc"), preprocess=IDENTITY_PREPROCESS, name="branching")
         for calls in (((low, 1.0), (low, 1.0), (low, 2.0)), ((low, 1.0), (low, 1.0), (high, 1.0))):
+            model.kept.clear()  # what the last sequence's changed forward left on the model (nothing kept) forgotten
             method = cnnscope.get_method("deeplift")(model)
             for call, (images, scale) in enumerate(calls):
                 net.scale = scale
@@ -347,7 +378,7 @@ def test_what_a_forward_does_between_calls_is_checked_not_assumed():
                 if call < 2:  # kept, then handed out (not where a value is written in place); the third call
                     # differs (a tensor's values, the branch): checked
                     assert bool(getattr(method, "_reference_run", None)) != in_place
-                assert torch.equal(ours.raw, cnnscope.get_method("deeplift")(model)(images, "top2").raw)
+                assert torch.equal(ours.raw, fresh_deeplift(model, images))
                 assert max(abs(v) for row in ours.stats["completeness_gap"] for v in row) < 1e-4
     net.scale = 1.0
     out_of_place = Branching(in_place=False).eval()

@@ -1123,9 +1123,20 @@ class PropagationMethod(GradientMethod):
     """Base of the propagation methods: one forward pass in the mode, one backward pass per target."""
 
     kind: ClassVar[str] = "lrp"
-    #: DeepLIFT's shared reference's values of the last forward (a ReferenceRun), None, or False where the
-    #: model's forward changed from one call to the next (nothing is kept any more)
-    _reference_run: ReferenceRun | bool | None = None
+    #: the name under which a model keeps DeepLIFT's shared reference's values of its last forward
+    KEPT: ClassVar[str] = "deeplift reference run"
+
+    @property
+    def _reference_run(self) -> ReferenceRun | bool | None:
+        """DeepLIFT's shared reference's values of the model's last forward (a ReferenceRun), None, or False where
+        the model's forward changed from one call to the next (nothing is kept any more). Kept with the model, so
+        that every method on it (a new one per call, as ``cnnscope.explain`` and the web page make) hands them
+        out again; each use is checked against the reference, the weights and the input shape."""
+        return self.model.kept.get(self.KEPT)
+
+    @_reference_run.setter
+    def _reference_run(self, run: ReferenceRun | bool | None) -> None:
+        self.model.kept[self.KEPT] = run
 
     def is_signed(self) -> bool:
         return self.config["reduce"] == "sum"

@@ -162,6 +162,18 @@ class Model:
         self._output_shape: tuple[int, ...] = ()
         self._largest: int | None = None
         self._default: LayerRef | None = None
+        #: what methods keep between calls on this model, by name (DeepLIFT's shared reference's values of the last
+        #: forward): rebuilt where needed, never pickled (an audit on Ray ships the model to every actor)
+        self.kept: dict[str, object] = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["kept"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("kept", {})  # pickled before the attribute existed
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         kind = "multi-label" if self.multilabel else "single-label"
