@@ -311,11 +311,14 @@ def test_deeplift_hands_out_the_references_values_again_only_where_they_are_the_
 
 def test_deeplift_values_are_kept_with_the_model_for_every_method_on_it_and_never_pickled():
     """A new method on the same model (one per call, as cnnscope.explain makes) hands out the values the last
-    one kept, with the same maps; another model keeps its own; a pickled model ships none of them."""
+    one kept (those the forward read, not every call's), with the same maps; another model keeps its own; a
+    pickled model ships none of them."""
     model = mixed(bias=True)
     first = cnnscope.get_method("deeplift")(model)(IMAGES, "top2")
     kept = model.kept[PropagationMethod.KEPT]
     assert kept and len(kept.values) > 5
+    values = [v for _, entry in kept.values for v in (entry if isinstance(entry, list) else [entry])]
+    assert any(v is None for v in values) and any(v is not None for v in values)  # only what the forward read
     again = cnnscope.get_method("deeplift")(model)(IMAGES, "top2")
     assert torch.equal(again.raw, first.raw) and model.kept[PropagationMethod.KEPT] is kept  # replayed
     assert torch.equal(again.raw, fresh_deeplift(model, IMAGES))

@@ -335,6 +335,8 @@ class PropagationMode(TorchFunctionMode):
         self.position = 0
         #: this forward's reference values, in call order, for a later replay (None: not kept)
         self.recorded: list | None = None
+        #: ids of the recorded values the forward read (through ``twin`` or a rule's own use): only these are kept
+        self.read: set[int] | None = None
         #: ids of the model's parameters and buffers (a replay checks their identity and version)
         self.known: set[int] = set()
 
@@ -393,8 +395,9 @@ class PropagationMode(TorchFunctionMode):
         return result
 
     # -- DeepLIFT's reference, beside the input
-    def set_twin(self, t: Tensor, twin: Tensor) -> None:
-        if self.shared is not None and not (
+    def set_twin(self, t: Tensor, twin: Tensor | None) -> None:
+        """Pair ``t`` with its reference value (None: a replayed value the recorded forward never read, not kept)."""
+        if twin is not None and self.shared is not None and not (
             t.ndim >= 1 and t.shape[0] == self.shared and twin.shape == (1, *t.shape[1:])
         ):
             raise _Unshared  # a tensor whose first axis is not the batch's: the reference runs row by row instead
@@ -408,14 +411,25 @@ class PropagationMode(TorchFunctionMode):
 
         twins[key] = (weakref.ref(t, forget), twin)
 
-    def twin(self, t: Tensor) -> Tensor:
+    def twin(self, t: Tensor, *, computing: bool = False) -> Tensor:
+        """t's reference value. ``computing``: read to work out the reference's next values, which a replay
+        hands out instead (not a read that keeps the value)."""
         entry = self.twins.get(id(t))
         if entry is None or entry[0]() is not t:
             raise MethodError(
                 "deeplift lost track of the reference's value of a tensor in this model's forward; use "
                 "integrated-gradients, which needs no rule per call"
             )
+        if entry[1] is None:  # a replayed value the recorded forward never read: this forward reads differently
+            raise _Unreplayable
+        if self.read is not None and not computing:
+            self.read.add(id(entry[1]))
         return entry[1]
+
+    def consumed(self, *values: Tensor) -> None:
+        """Reference values a rule uses itself (not only as the twins of its outputs): kept for a replay."""
+        if self.read is not None:
+            self.read.update(id(value) for value in values)
 
     def reference_values(self, func, args, kwargs, compute: Callable):
         """``compute()``: the reference's values of one call (a tensor or a list of them), or, when an earlier
@@ -463,7 +477,7 @@ class PropagationMode(TorchFunctionMode):
     def substitute(self, obj):
         """The call's arguments with every input-derived tensor replaced by its reference value."""
         if isinstance(obj, Tensor):
-            return self.twin(obj) if self.has(obj) else obj
+            return self.twin(obj, computing=True) if self.has(obj) else obj
         if isinstance(obj, (list, tuple)) and any(self.tracked(item) for item in obj):
             items = [self.substitute(item) for item in obj]
             return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
@@ -869,6 +883,7 @@ class PropagationMode(TorchFunctionMode):
                 )
             else:
                 twin = self.reference_values(func, args, kwargs, lambda: function(reference))
+            self.consumed(twin, *([slope] if piecewise else []))
             delta_in = x - reference
             if piecewise:
                 # the secant of a piecewise-linear function is exact wherever x' != x (within eps of x it is the
@@ -901,6 +916,7 @@ class PropagationMode(TorchFunctionMode):
 
         with torch.no_grad():
             twin = self.reference_values(func, args, kwargs, lambda: pool(reference))
+        self.consumed(twin)
 
         def backward(inputs, out, grad):
             (inp,) = inputs
@@ -1002,8 +1018,18 @@ class ReferenceRun:
         )
 
     @classmethod
-    def kept(cls, reference: Tensor, shape: tuple, state: tuple, values: list) -> ReferenceRun | None:
-        size = sum(t.numel() * t.element_size() for _, v in values for t in (v if isinstance(v, list) else [v]))
+    def kept(cls, reference: Tensor, shape: tuple, state: tuple, values: list, read: set[int]) -> ReferenceRun | None:
+        """The run to keep: of each call's values those the forward read (an activation's input and output, a max
+        pool's, the logits), None for the rest, which a replay hands out as such (a third of a CNN's values)."""
+
+        def only_read(value):
+            if isinstance(value, list):
+                return [only_read(item) for item in value]
+            return value if id(value) in read else None
+
+        values = [(key, only_read(value)) for key, value in values]
+        tensors = [t for _, v in values for t in (v if isinstance(v, list) else [v]) if t is not None]
+        size = sum(t.numel() * t.element_size() for t in tensors)
         return cls(reference.clone(), shape, state, values) if size <= cls.LIMIT else None
 
 
@@ -1063,6 +1089,7 @@ def propagating(
             mode.shared = inputs.shape[0]
             mode.replay = replay
             mode.recorded = [] if record and replay is None else None
+            mode.read = set() if mode.recorded is not None else None
             mode.known = known or set()
         mode.set_twin(inputs, reference.detach())
     handles = []
@@ -1198,14 +1225,16 @@ class PropagationMethod(GradientMethod):
                 reference = reference.expand_as(inputs).clone()
                 with propagating(self.model.module, inputs, self.kind, reference, **settings) as mode:
                     outputs = self.model(inputs)
-            if mode.recorded is not None and self._reference_run is not False:
-                self._reference_run = ReferenceRun.kept(reference, tuple(inputs.shape), state, mode.recorded)
             if not outputs.requires_grad:
                 raise MethodError(
                     "this model's outputs carry no gradients (a black-box function, or a forward under no_grad); "
                     "use a perturbation method: occlusion or rise"
                 )
             reference_logits = mode.twin(outputs).detach().expand_as(outputs)[:b] if reference is not None else None
+            if mode.recorded is not None and self._reference_run is not False:
+                self._reference_run = ReferenceRun.kept(
+                    reference, tuple(inputs.shape), state, mode.recorded, mode.read
+                )
             logits = outputs[:b]
             targets = resolve(logits.detach())
             k_total = targets.shape[1]
