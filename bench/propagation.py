@@ -4,8 +4,11 @@
 - Each propagation map against the floor: one forward + one backward pass to the input pixels
   (torch.autograd.grad of the target logit), for the same images and targets, batched (``--images``: the four
   sample photos by default, more as mirrored copies). Goal (issue #22): <= 1.3x.
-- DeepLIFT twice: one method over every call (as over a dataset: it hands out its shared reference's values of
-  the last forward again) and a new method per call (the reference's forward runs each time).
+- Beside each time, the multiply-adds of convolution and linear calls the method runs, as a ratio to the
+  floor's (torch.utils.flop_counter, one call each): what a rule costs by its definition, whatever the machine.
+- DeepLIFT three times: one method over every call (as over a dataset), a new method per call (as
+  ``cnnscope.explain`` and the web page make: both hand out the model's kept values of the shared reference's
+  last forward again) and a new method on a model that keeps nothing (the reference's forward runs each time).
 - kernel-shap at 1,000 samples against LIME at 1,000 samples (same superpixels). Goal: <= 1x.
 - Captum's DeepLift / LRP / GradientShap / KernelShap beside ours where they apply. Captum's DeepLift needs
   every activation to be its own nn.Module (on the default model one ReLU6 module is called in every block: it
@@ -20,6 +23,7 @@ import json
 import warnings
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import cnnscope
 from _timing import interleaved, timed
@@ -36,6 +40,24 @@ def floor(model, batch, targets):
                 torch.autograd.grad(score, inputs, retain_graph=k < targets.shape[1] - 1)
 
     return run
+
+
+def cold_deeplift(model, batch, targets):
+    """DeepLIFT by a new method on a model that keeps nothing: the reference's forward runs (and is kept)."""
+    model.kept.clear()
+    return cnnscope.get_method("deeplift")(model)(batch, targets)
+
+
+def flops(run) -> int | None:
+    """Floating-point operations of the convolution and matrix calls of one run of ``run`` (None where the
+    counter cannot follow it: Captum's DeepLift hooks its backward in a way the counter's own hooks refuse)."""
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            run()
+    except RuntimeError:
+        return None
+    return counter.get_total_flops()
 
 
 def captum_runs(model, batch, targets):
@@ -67,7 +89,7 @@ def captum_runs(model, batch, targets):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--no-captum", action="store_true", help="leave Captum's methods out")
     parser.add_argument("--images", type=int, default=4, help="images in the batch (the samples, then mirrored)")
@@ -90,6 +112,7 @@ def main() -> None:
             "lrp epsilon": lambda c=chosen: cnnscope.get_method("lrp")(model, composite="epsilon")(batch, c),
             "deeplift": lambda c=chosen, d=deeplift: d(batch, c),
             "deeplift, new method": lambda c=chosen: cnnscope.get_method("deeplift")(model)(batch, c),
+            "deeplift, nothing kept": lambda c=chosen: cold_deeplift(model, batch, c),
             "excitation-backprop": lambda c=chosen: cnnscope.get_method("excitation-backprop")(model)(batch, c),
         }
         if k == 1 and not args.no_captum:
@@ -98,7 +121,14 @@ def main() -> None:
             report["captum failed"] = failed
         seconds = interleaved(methods, args.repeat, warmup=1)
         base = seconds["floor (forward + backward)"]
-        report[label] = {name: round(value / base, 2) for name, value in seconds.items()}
+        work = {name: flops(run) for name, run in methods.items()}
+        report[label] = {
+            name: {
+                "time": round(value / base, 2),
+                "flops": None if work[name] is None else round(work[name] / work["floor (forward + backward)"], 2),
+            }
+            for name, value in seconds.items()
+        }
         report[label]["floor seconds"] = round(base, 3)
         if not args.json:
             print(label, json.dumps(report[label]), flush=True)
