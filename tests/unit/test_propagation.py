@@ -329,6 +329,46 @@ def test_deeplift_values_are_kept_with_the_model_for_every_method_on_it_and_neve
     assert torch.equal(cnnscope.get_method("deeplift")(copy)(IMAGES, "top2").raw, first.raw)
 
 
+class TwoHeads(nn.Module):
+    """Both heads run on every call; ``which`` picks the one returned: the same calls, another output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv, self.heads = nn.Conv2d(3, 6, 3, padding=1), nn.ModuleList([nn.Linear(6, 4), nn.Linear(6, 4)])
+        self.which = 0
+
+    def forward(self, x):
+        h = F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1)
+        return [head(h) for head in self.heads][self.which]
+
+
+def test_deeplift_replay_of_the_same_calls_returning_another_tensor_reruns_the_forward():
+    """A forward that makes the same calls but returns another of their outputs reads a reference value the
+    kept run left out: the forward reruns (the map a fresh method gives), no internal error escapes."""
+    net = TwoHeads().eval()
+    model = Model(net, labels=list("abcd"), preprocess=IDENTITY_PREPROCESS, name="two heads")
+    method = cnnscope.get_method("deeplift")(model)
+    for which in (0, 1):
+        net.which = which
+        ours = method(IMAGES, "top2")
+        assert torch.equal(ours.raw, fresh_deeplift(model, IMAGES))
+        assert max(abs(v) for row in ours.stats["completeness_gap"] for v in row) < 1e-4
+
+
+def test_a_kept_run_matches_only_the_same_weight_tensors_not_their_ids():
+    """A kept run compares the weights by identity (weak references), not by id and version alone, which a new
+    tensor can have once the old one is freed."""
+    model = mixed(bias=True)
+    cnnscope.get_method("deeplift")(model)(IMAGES, "top2")
+    run = model.kept[PropagationMethod.KEPT]
+    tensors = (*model.module.parameters(), *model.module.buffers())
+    shape = (IMAGES.shape[0], *IMAGES.shape[1:])
+    assert run.matches(run.reference, shape, run.state, tensors)
+    copies = tuple(t.detach().clone() for t in tensors)  # the same ids and versions claimed, other tensors
+    assert not run.matches(run.reference, shape, run.state, copies)
+
+
 class Branching(nn.Module):
     """The forward picks one of two same-shape input-derived tensors by the first image's mean, scales by a small
     tensor it makes from an attribute, writes into a ReLU's output in place (``h[:, :, :2] = -1``), adds to a

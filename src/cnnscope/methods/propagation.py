@@ -329,8 +329,9 @@ class PropagationMode(TorchFunctionMode):
         self.twins: dict[int, tuple[weakref.ref, Tensor]] | None = None
         #: the batch size when one reference row serves every image (each twin then has one row), else None
         self.shared: int | None = None
-        #: the reference's values of every call of an earlier forward with the same one-row reference, model
-        #: and input shape, handed out in call order instead of being worked out again (see ReferenceRun)
+        #: the reference's values of the calls of an earlier forward with the same one-row reference, model and
+        #: input shape (None where that forward never read them), handed out in call order instead of being
+        #: worked out again (see ReferenceRun)
         self.replay: list | None = None
         self.position = 0
         #: this forward's reference values, in call order, for a later replay (None: not kept)
@@ -373,7 +374,7 @@ class PropagationMode(TorchFunctionMode):
         before = None
         if self.twins is not None and args and isinstance(args[0], Tensor) and _in_place(func):
             # the reference's copy of a tensor written in place: its value before the write
-            before = self.twin(args[0]) if self.has(args[0]) else args[0].detach().clone()
+            before = self.twin(args[0], computing=True) if self.has(args[0]) else args[0].detach().clone()
         result = self.dispatch(func, args, kwargs)
         if self.nonneg and args and _in_place(func) and (result is None or result is args[0]):
             self.nonneg.clear()  # written in place: its views' (and its own) signs are no longer known
@@ -989,28 +990,34 @@ class _Unkeepable(Exception):
 
 @dataclasses.dataclass
 class ReferenceRun:
-    """A one-row reference's values of every call of one forward, kept by a method between calls. The
-    reference's forward does not depend on the images: with the same reference, model state and input shape
-    the next forward hands them out again instead of running every call a second time (about a tenth of a
-    DeepLIFT map on the default model). Each call is checked against the one recorded (function, shapes,
-    weights' identity and version, constants); a difference reruns the forward without it."""
+    """A one-row reference's values of one forward, kept with the model between calls (``Model.kept``: every
+    method on it, a new one per call included, finds them). The reference's forward does not depend on the
+    images: with the same reference, model state and input shape the next forward hands them out again instead
+    of running every call a second time (about a tenth of a DeepLIFT map on the default model). Only the values
+    the forward read are kept; the others are handed out as None. Each call is checked against the one
+    recorded (function, shapes, weights' identity and version, constants); a difference reruns the forward
+    without it."""
 
     reference: Tensor
     shape: tuple
     state: tuple
     values: list
+    #: weak references to the model's parameters and buffers (an id alone can be a new tensor's, later)
+    tensors: tuple = ()
 
-    #: past this many bytes of reference values a forward's are not kept
-    LIMIT: ClassVar[int] = 256 * 2**20
+    #: past this many bytes of reference values a forward's are not kept (the default model's take 70 MiB at 224 px)
+    LIMIT: ClassVar[int] = 128 * 2**20
 
     @staticmethod
-    def state_of(module: nn.Module) -> tuple:
-        return tuple((id(t), t._version) for t in (*module.parameters(), *module.buffers()))
+    def state_of(tensors: tuple) -> tuple:
+        return tuple((id(t), t._version) for t in tensors)
 
-    def matches(self, reference: Tensor, shape: tuple, state: tuple) -> bool:
+    def matches(self, reference: Tensor, shape: tuple, state: tuple, tensors: tuple) -> bool:
         return (
             self.shape == shape
             and self.state == state
+            and len(self.tensors) == len(tensors)
+            and all(ref() is t for ref, t in zip(self.tensors, tensors, strict=True))
             and self.reference.shape == reference.shape
             and self.reference.dtype == reference.dtype
             and self.reference.device == reference.device
@@ -1018,7 +1025,9 @@ class ReferenceRun:
         )
 
     @classmethod
-    def kept(cls, reference: Tensor, shape: tuple, state: tuple, values: list, read: set[int]) -> ReferenceRun | None:
+    def kept(
+        cls, reference: Tensor, shape: tuple, state: tuple, tensors: tuple, values: list, read: set[int]
+    ) -> ReferenceRun | None:
         """The run to keep: of each call's values those the forward read (an activation's input and output, a max
         pool's, the logits), None for the rest, which a replay hands out as such (a third of a CNN's values)."""
 
@@ -1028,9 +1037,14 @@ class ReferenceRun:
             return value if id(value) in read else None
 
         values = [(key, only_read(value)) for key, value in values]
-        tensors = [t for _, v in values for t in (v if isinstance(v, list) else [v]) if t is not None]
-        size = sum(t.numel() * t.element_size() for t in tensors)
-        return cls(reference.clone(), shape, state, values) if size <= cls.LIMIT else None
+        storages = {}  # by storage: a kept view keeps all of its base alive
+        for _, value in values:
+            for t in value if isinstance(value, list) else [value]:
+                if t is not None:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        size = sum(storages.values())
+        refs = tuple(weakref.ref(t) for t in tensors)
+        return cls(reference.clone(), shape, state, values, refs) if size <= cls.LIMIT else None
 
 
 def _out_of_place(func):
@@ -1201,39 +1215,37 @@ class PropagationMethod(GradientMethod):
         with torch.inference_mode(False), torch.enable_grad(), _collector_paused():
             settings = self.settings(batch)
             kept = self._reference_run
-            state = ReferenceRun.state_of(self.model.module)
+            tensors = (*self.model.module.parameters(), *self.model.module.buffers())
+            state = ReferenceRun.state_of(tensors)
             shared = reference is not None and reference.shape[0] == 1 and inputs.shape[0] > 1 and kept is not False
-            replay = kept.values if shared and kept and kept.matches(reference, tuple(inputs.shape), state) else None
+            replay = kept.values if shared and kept and kept.matches(reference, tuple(inputs.shape), state, tensors) else None
+
+            def forward(**replaying):
+                """The forward in the mode, and the reference's value of its output (read inside, where a replay
+                that differs stops: a forward that returns another of the same calls' tensors, say)."""
+                with propagating(self.model.module, inputs, self.kind, reference, **replaying, **settings) as mode:
+                    outputs = self.model(inputs)
+                    twin = mode.twin(outputs) if reference is not None and outputs.requires_grad else None
+                return mode, outputs, twin
+
             try:
                 try:
-                    with propagating(
-                        self.model.module,
-                        inputs,
-                        self.kind,
-                        reference,
-                        replay=replay,
-                        record=shared,
-                        known={key for key, _ in state},
-                        **settings,
-                    ) as mode:
-                        outputs = self.model(inputs)
+                    mode, outputs, twin = forward(replay=replay, record=shared, known={key for key, _ in state})
                 except _Unreplayable:  # the forward's calls differ from the last one's: run it all, keep nothing
                     self._reference_run = False
-                    with propagating(self.model.module, inputs, self.kind, reference, **settings) as mode:
-                        outputs = self.model(inputs)
+                    mode, outputs, twin = forward()
             except _Unshared:  # the forward mixes the batch's rows (a reshape by batch size): a reference per row
                 reference = reference.expand_as(inputs).clone()
-                with propagating(self.model.module, inputs, self.kind, reference, **settings) as mode:
-                    outputs = self.model(inputs)
+                mode, outputs, twin = forward()
             if not outputs.requires_grad:
                 raise MethodError(
                     "this model's outputs carry no gradients (a black-box function, or a forward under no_grad); "
                     "use a perturbation method: occlusion or rise"
                 )
-            reference_logits = mode.twin(outputs).detach().expand_as(outputs)[:b] if reference is not None else None
+            reference_logits = twin.detach().expand_as(outputs)[:b] if reference is not None else None
             if mode.recorded is not None and self._reference_run is not False:
                 self._reference_run = ReferenceRun.kept(
-                    reference, tuple(inputs.shape), state, mode.recorded, mode.read
+                    reference, tuple(inputs.shape), state, tensors, mode.recorded, mode.read
                 )
             logits = outputs[:b]
             targets = resolve(logits.detach())
