@@ -398,8 +398,10 @@ class PropagationMode(TorchFunctionMode):
     # -- DeepLIFT's reference, beside the input
     def set_twin(self, t: Tensor, twin: Tensor | None) -> None:
         """Pair ``t`` with its reference value (None: a replayed value the recorded forward never read, not kept)."""
-        if twin is not None and self.shared is not None and not (
-            t.ndim >= 1 and t.shape[0] == self.shared and twin.shape == (1, *t.shape[1:])
+        if (
+            twin is not None
+            and self.shared is not None
+            and not (t.ndim >= 1 and t.shape[0] == self.shared and twin.shape == (1, *t.shape[1:]))
         ):
             raise _Unshared  # a tensor whose first axis is not the batch's: the reference runs row by row instead
         key = id(t)
@@ -1218,7 +1220,8 @@ class PropagationMethod(GradientMethod):
             tensors = (*self.model.module.parameters(), *self.model.module.buffers())
             state = ReferenceRun.state_of(tensors)
             shared = reference is not None and reference.shape[0] == 1 and inputs.shape[0] > 1 and kept is not False
-            replay = kept.values if shared and kept and kept.matches(reference, tuple(inputs.shape), state, tensors) else None
+            matching = shared and kept and kept.matches(reference, tuple(inputs.shape), state, tensors)
+            replay = kept.values if matching else None
 
             def forward(**replaying):
                 """The forward in the mode, and the reference's value of its output (read inside, where a replay
