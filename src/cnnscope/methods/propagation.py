@@ -336,8 +336,9 @@ class PropagationMode(TorchFunctionMode):
         self.position = 0
         #: this forward's reference values, in call order, for a later replay (None: not kept)
         self.recorded: list | None = None
-        #: ids of the recorded values the forward read (through ``twin`` or a rule's own use): only these are kept
-        self.read: set[int] | None = None
+        #: ids of the reference values the forward read (through ``twin`` or a rule's own use): of a recorded
+        #: forward, only these are kept
+        self.read: set[int] = set()
         #: ids of the model's parameters and buffers (a replay checks their identity and version)
         self.known: set[int] = set()
 
@@ -425,14 +426,13 @@ class PropagationMode(TorchFunctionMode):
             )
         if entry[1] is None:  # a replayed value the recorded forward never read: this forward reads differently
             raise _Unreplayable
-        if self.read is not None and not computing:
+        if not computing:
             self.read.add(id(entry[1]))
         return entry[1]
 
     def consumed(self, *values: Tensor) -> None:
         """Reference values a rule uses itself (not only as the twins of its outputs): kept for a replay."""
-        if self.read is not None:
-            self.read.update(id(value) for value in values)
+        self.read.update(id(value) for value in values)
 
     def reference_values(self, func, args, kwargs, compute: Callable):
         """``compute()``: the reference's values of one call (a tensor or a list of them), or, when an earlier
@@ -884,9 +884,10 @@ class PropagationMode(TorchFunctionMode):
                 twin, slope = self.reference_values(
                     func, args, kwargs, lambda: [function(reference), derivative(reference, TINY)]
                 )
+                self.consumed(twin, slope)
             else:
                 twin = self.reference_values(func, args, kwargs, lambda: function(reference))
-            self.consumed(twin, *([slope] if piecewise else []))
+                self.consumed(twin)
             delta_in = x - reference
             if piecewise:
                 # the secant of a piecewise-linear function is exact wherever x' != x (within eps of x it is the
@@ -1017,8 +1018,7 @@ class ReferenceRun:
     def matches(self, reference: Tensor, shape: tuple, state: tuple, tensors: tuple) -> bool:
         return (
             self.shape == shape
-            and self.state == state
-            and len(self.tensors) == len(tensors)
+            and self.state == state  # as many tensors, each of the same id and version: and the same tensor?
             and all(ref() is t for ref, t in zip(self.tensors, tensors, strict=True))
             and self.reference.shape == reference.shape
             and self.reference.dtype == reference.dtype
@@ -1105,7 +1105,6 @@ def propagating(
             mode.shared = inputs.shape[0]
             mode.replay = replay
             mode.recorded = [] if record and replay is None else None
-            mode.read = set() if mode.recorded is not None else None
             mode.known = known or set()
         mode.set_twin(inputs, reference.detach())
     handles = []

@@ -171,10 +171,6 @@ class Model:
         state["kept"] = {}
         return state
 
-    def __setstate__(self, state: dict) -> None:
-        state.setdefault("kept", {})  # pickled before the attribute existed
-        self.__dict__.update(state)
-
     def __repr__(self) -> str:
         kind = "multi-label" if self.multilabel else "single-label"
         return f"Model({self.name!r}, {kind}, input {'x'.join(str(v) for v in self.preprocess.size)})"
