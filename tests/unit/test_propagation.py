@@ -363,7 +363,7 @@ def test_a_kept_run_matches_only_the_same_weight_tensors_not_their_ids():
     cnnscope.get_method("deeplift")(model)(IMAGES, "top2")
     run = model.kept[PropagationMethod.KEPT]
     tensors = (*model.module.parameters(), *model.module.buffers())
-    shape = (IMAGES.shape[0], *IMAGES.shape[1:])
+    shape = tuple(IMAGES.shape)
     assert run.matches(run.reference, shape, run.state, tensors)
     copies = tuple(t.detach().clone() for t in tensors)  # the same ids and versions claimed, other tensors
     assert not run.matches(run.reference, shape, run.state, copies)
